@@ -1,0 +1,127 @@
+"""The stage contract every forgeline stage follows.
+
+- Output lives at `<run_dir>/<stage>-<hash>/`; the hash covers the stage's config, the hashes of its inputs
+  and the stage's code version, so the same inputs and config give the same path and a rerun skips it.
+- Output is Parquet shards (published atomically, see `dataprep.shards`), `manifest.json`, then `_SUCCESS`
+  written last. Only a directory with `_SUCCESS` is complete.
+- Work is split into units (for ingest: one per input file); a unit publishes shards as it goes and a
+  `_units/<unit>.json` marker at its end. A rerun skips finished units and resumes unfinished ones after
+  their last published shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from dataprep.shards import TMP_DIR_NAME, atomic_write_bytes, atomic_write_json
+
+CONTRACT_VERSION = 1
+SUCCESS_FILE = "_SUCCESS"
+MANIFEST_FILE = "manifest.json"
+UNITS_DIR = "_units"
+HASH_CHARS = 12
+
+
+def package_version() -> str:
+    """The installed forgeline version (part of every stage's code version)."""
+    try:
+        return metadata.version("forgeline")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic JSON used for hashing (sorted keys, no whitespace)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stage_hash(stage: str, config: dict[str, Any], input_hashes: list[str], code_version: str) -> str:
+    """Content address of a stage output: config + input hashes + code version."""
+    material = canonical_json(
+        {
+            "stage": stage,
+            "config": config,
+            "inputs": input_hashes,
+            "code": code_version,
+            "contract": CONTRACT_VERSION,
+        }
+    )
+    return hashlib.sha256(material.encode()).hexdigest()[:HASH_CHARS]
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """A stage's output directory and the files of the contract inside it."""
+
+    path: Path
+
+    @classmethod
+    def for_stage(cls, run_dir: Path, stage: str, digest: str) -> StageDir:
+        return cls(Path(run_dir) / f"{stage}-{digest}")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def digest(self) -> str:
+        return self.path.name.rsplit("-", 1)[-1]
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.path / TMP_DIR_NAME
+
+    @property
+    def units_dir(self) -> Path:
+        return self.path / UNITS_DIR
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_FILE
+
+    def is_complete(self) -> bool:
+        return (self.path / SUCCESS_FILE).is_file()
+
+    def prepare(self) -> None:
+        """Create the directory and drop leftovers of a crashed attempt (never-published temp files)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.tmp_dir.mkdir()
+
+    def unit_marker(self, unit: str) -> Path:
+        return self.units_dir / f"{unit}.json"
+
+    def finished_unit(self, unit: str) -> dict[str, Any] | None:
+        """The stats a finished unit recorded, or None when it has not finished."""
+        marker = self.unit_marker(unit)
+        return json.loads(marker.read_text()) if marker.is_file() else None
+
+    def finish_unit(self, unit: str, stats: dict[str, Any]) -> None:
+        atomic_write_json(self.unit_marker(unit), stats)
+
+    def read_manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_path.read_text())
+
+    def publish(self, manifest: dict[str, Any]) -> None:
+        """Write the manifest, remove temp space, then write `_SUCCESS` last."""
+        atomic_write_json(self.manifest_path, manifest)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        atomic_write_bytes(self.path / SUCCESS_FILE, b"")
+
+
+def shard_name(unit_index: int, shard_index: int) -> str:
+    """File name of shard `shard_index` of unit `unit_index` (sorts in output order)."""
+    return f"part-{unit_index:05d}-{shard_index:05d}.parquet"
+
+
+def merge_counts(target: dict[str, int], source: dict[str, int]) -> dict[str, int]:
+    """Add the counts of `source` into `target` (returns target)."""
+    for key, value in source.items():
+        target[key] = target.get(key, 0) + value
+    return target
