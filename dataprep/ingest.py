@@ -64,7 +64,9 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
-_BINARY_MAGIC = (b"\x89PNG", b"GIF8", b"\xff\xd8\xff", b"%PDF", b"PK\x03\x04", b"\x1f\x8b", b"RIFF", b"\x00\x00\x01\x00")
+_BINARY_MAGIC = (
+    b"\x89PNG", b"GIF8", b"\xff\xd8\xff", b"%PDF", b"PK\x03\x04", b"\x1f\x8b", b"RIFF", b"\x00\x00\x01\x00",
+)
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ def _html_text(raw: RawRecord, settings: IngestSettings) -> tuple[str | None, st
         return None, None, "binary_payload"
     if media and media not in _HTML_TYPES:
         return None, None, "non_html"
-    if not media and not payload.lstrip()[:1] == b"<":
+    if not media and payload.lstrip()[:1] != b"<":
         return None, None, "non_html"
     decoded = decode_html(payload, raw.content_type)
     if decoded.replaced_fraction > settings.max_invalid_fraction:

@@ -1,0 +1,118 @@
+"""`forgeline` command line: the pipeline, one command per stage, and helpers (sample, status)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+import flows  # noqa: F401  (environment defaults before Prefect is imported)
+from flows.config import STAGES, ConfigError, RunConfig, load_config
+from flows.inputs import InputError
+
+app = typer.Typer(
+    help="forgeline: raw web crawl → curated corpus → trained and served language model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="run configuration (YAML)", show_default=False)]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option("--address", help="attach to a Ray cluster ('auto' or 'ray://host:10001') instead of local"),
+]
+LocalOpt = Annotated[bool, typer.Option("--local", help="start Ray locally on 127.0.0.1 (the default)")]
+
+
+def _load(config_path: Path, address: str | None, local: bool) -> RunConfig:
+    if address and local:
+        raise typer.BadParameter("give either --local or --address, not both")
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        typer.secho(str(error), fg="red", err=True)
+        raise typer.Exit(2) from None
+    if address or local:
+        ray_cfg = config.ray.model_copy(update={"address": None if local else address})
+        config = config.model_copy(update={"ray": ray_cfg})
+    return config
+
+
+def _run(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except (InputError, ConfigError, ValueError) as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+def _report(results: dict[str, Any]) -> None:
+    for stage, result in results.items():
+        state = "skipped (already complete)" if result["skipped"] else "done"
+        stats = result["stats"]
+        typer.echo(f"{stage}: {state}")
+        typer.echo(f"  output:   {result['path']}")
+        typer.echo(f"  manifest: {result['path']}/manifest.json")
+        typer.echo(
+            f"  records in {stats['records_in']:,} → out {stats['records_out']:,}; "
+            f"dropped {json.dumps(stats['dropped'], sort_keys=True)}"
+        )
+    typer.echo("Prefect UI: `make ui`, then http://127.0.0.1:4200 (flow runs and their stats artifacts)")
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    until: Annotated[str | None, typer.Option(help=f"stop after this stage ({', '.join(STAGES)})")] = None,
+    address: AddressOpt = None,
+    local: LocalOpt = False,
+) -> None:
+    """Run the whole pipeline (every stage that exists so far), skipping complete stages."""
+    from flows.pipeline import pipeline_flow, stages_until
+
+    cfg = _load(config, address, local)
+    _run(stages_until, until)
+    _report(_run(pipeline_flow, cfg, until))
+
+
+@app.command()
+def ingest(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = False) -> None:
+    """Ingest WARC/WET/JSONL/Parquet inputs into Parquet document shards."""
+    from flows.ingest import ingest_flow
+
+    cfg = _load(config, address, local)
+    _report({"ingest": _run(ingest_flow, cfg)})
+
+
+@app.command()
+def sample(
+    out_dir: Annotated[Path, typer.Argument(help="directory for the sample crawl")],
+    pages: Annotated[int, typer.Option(min=0, help="English prose pages to write (0 = all available)")] = 0,
+) -> None:
+    """Build the bundled, deterministic sample crawl (offline) used by the demo."""
+    from dataprep.sample import build_sample
+
+    summary = build_sample(out_dir, prose_pages=pages or None)
+    kinds = ", ".join(f"{k}={v}" for k, v in summary["kinds"].items())
+    rewritten = ", ".join(summary["written"]) or "none"
+    typer.echo(f"sample: {summary['pages']} pages in {summary['out_dir']} ({kinds}); rewritten: {rewritten}")
+
+
+@app.command()
+def validate(config: ConfigArg) -> None:
+    """Check a config file and print it with every default filled in."""
+    cfg = _load(config, None, False)
+    typer.echo(cfg.model_dump_json(indent=2))
+
+
+def main() -> None:
+    """Entry point for `python -m flows.cli`."""
+    app(prog_name="forgeline")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Helpers every stage flow shares: Ray connection, fault injection, stats artifacts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact
+
+from flows.config import RunConfig
+from workers.ray_runtime import init_ray
+
+FAULT_ENV = "FORGELINE_INJECT_FAULT"
+
+
+def connect_ray(config: RunConfig) -> dict[str, object]:
+    """Start local Ray (loopback, temp dir in the run dir) or attach to `config.ray.address`."""
+    ray_cfg = config.ray
+    return init_ray(
+        ray_cfg.address,
+        temp_dir=ray_cfg.temp_dir or Path(config.run_dir) / "ray",
+        num_cpus=ray_cfg.num_cpus,
+        object_store_memory_mb=ray_cfg.object_store_memory_mb,
+        dashboard=ray_cfg.dashboard,
+        dashboard_port=ray_cfg.dashboard_port,
+    )
+
+
+def injected_fault(stage: str) -> int | None:
+    """Failure drill: `FORGELINE_INJECT_FAULT=<stage>:<k>` makes each unit of <stage> fail after k shards."""
+    value = os.environ.get(FAULT_ENV, "")
+    name, _, count = value.partition(":")
+    if name != stage:
+        return None
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"{FAULT_ENV}={value!r}: expected '<stage>:<shards>' with shards >= 1")
+    return int(count)
+
+
+def _counts_table(counts: dict[str, int], header: str) -> list[str]:
+    if not counts:
+        return [f"_no {header.lower()}_", ""]
+    lines = [f"| {header} | records |", "|---|---:|"]
+    lines += [f"| {key} | {value:,} |" for key, value in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return lines + [""]
+
+
+def stats_markdown(manifest: dict[str, Any], skipped: bool = False) -> str:
+    """A markdown report of a stage manifest: totals, drops per reason and the per-unit table."""
+    stats = manifest["stats"]
+    lines = [
+        f"# {manifest['stage']} — `{manifest['name']}`",
+        "",
+        "_already complete: skipped on this run_" if skipped else "",
+        f"Output: `{manifest['path']}`",
+        "",
+        "| records in | records out | dropped | bytes in | chars out | seconds |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {stats['records_in']:,} | {stats['records_out']:,} | {sum(stats['dropped'].values()):,} "
+        f"| {stats['bytes_in']:,} | {stats['chars_out']:,} | {manifest['timings']['seconds']:.1f} |",
+        "",
+        "## Dropped, by reason",
+        "",
+        *_counts_table(stats["dropped"], "Reason"),
+        "## Skipped (not documents)",
+        "",
+        *_counts_table(stats.get("skipped", {}), "Record type"),
+    ]
+    units = manifest.get("units", [])
+    if units:
+        lines += ["## Inputs", "", "| unit | input | in | out | dropped |", "|---|---|---:|---:|---:|"]
+        for unit in units:
+            dropped = sum(unit["quarantined"].values())
+            records_in = unit["records_read"] - sum(unit["skipped"].values())
+            lines.append(
+                f"| {unit['unit']} | `{unit['uri']}` | {records_in:,} | {unit['docs_out']:,} | {dropped:,} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def publish_artifact(manifest: dict[str, Any], skipped: bool = False) -> None:
+    """Attach the stage report to the current Prefect flow run as a markdown artifact."""
+    create_markdown_artifact(
+        key=f"{manifest['stage']}-stats",
+        markdown=stats_markdown(manifest, skipped),
+        description=f"{manifest['stage']} stats for {manifest['name']}",
+    )

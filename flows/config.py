@@ -1,0 +1,137 @@
+"""Typed run configuration loaded from YAML; every error names the file and the field.
+
+Relative paths in a config file (run_dir, local inputs) are resolved against the directory that holds the
+file, so a config runs the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and field it concerns in the message."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RayConfig(_Strict):
+    """How to reach Ray: a local single-node instance (address null) or an existing cluster."""
+
+    address: str | None = Field(None, description="null = start Ray locally; 'auto' or 'ray://host:10001'")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for local Ray (default: all)")
+    object_store_memory_mb: int | None = Field(None, ge=64)
+    dashboard: bool = Field(False, description="start the Ray dashboard on 127.0.0.1:dashboard_port")
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+    temp_dir: Path | None = Field(None, description="Ray session files (default <run_dir>/ray)")
+    task_max_retries: int = Field(3, ge=0, description="Ray retries of a task whose worker died")
+
+
+class OrchestrationConfig(_Strict):
+    """Prefect-side behaviour; not part of any stage hash."""
+
+    task_retries: int = Field(1, ge=0, description="Prefect retries of a failed stage task (resumes)")
+    retry_delay_seconds: float = Field(2.0, ge=0)
+
+
+class FieldsConfig(_Strict):
+    """Field names in JSONL / Parquet inputs."""
+
+    text: str = "text"
+    id: str = "id"
+    url: str = "url"
+    date: str = "date"
+
+
+class IngestConfig(_Strict):
+    """The ingest stage: crawl files → documents."""
+
+    inputs: list[str] = Field(..., min_length=1, description="paths, globs or fsspec URLs")
+    format: Literal["auto", "warc", "wet", "jsonl", "parquet"] = "auto"
+    extractor: Literal["resiliparse", "trafilatura"] = "resiliparse"
+    max_payload_bytes: int = Field(10_000_000, ge=1)
+    min_text_chars: int = Field(1, ge=0)
+    max_invalid_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    shard_max_records: int = Field(2000, ge=1)
+    shard_max_bytes: int = Field(64_000_000, ge=1)
+    fields: FieldsConfig = FieldsConfig()
+
+
+class RunConfig(_Strict):
+    """A whole pipeline run."""
+
+    name: str = Field("forgeline", min_length=1)
+    run_dir: Path
+    ray: RayConfig = RayConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+    ingest: IngestConfig
+
+    @field_validator("name")
+    @classmethod
+    def _simple_name(cls, value: str) -> str:
+        if not all(ch.isalnum() or ch in "-_." for ch in value):
+            raise ValueError("use letters, digits, '-', '_' or '.' only")
+        return value
+
+
+STAGES: tuple[str, ...] = ("ingest",)
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _resolve(base: Path, value: str) -> str:
+    if _is_url(value):
+        return value
+    expanded = os.path.expanduser(value)
+    return expanded if os.path.isabs(expanded) else str((base / expanded).resolve())
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {field}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
+    """Validate a mapping as a RunConfig; relative paths resolve against `base_dir`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, not {type(data).__name__}")
+    base = base_dir or Path.cwd()
+    data = dict(data)
+    if isinstance(data.get("run_dir"), str):
+        data["run_dir"] = _resolve(base, data["run_dir"])
+    ingest = data.get("ingest")
+    if isinstance(ingest, dict) and isinstance(ingest.get("inputs"), list):
+        data["ingest"] = {**ingest, "inputs": [_resolve(base, str(p)) for p in ingest["inputs"]]}
+    ray = data.get("ray")
+    if isinstance(ray, dict) and isinstance(ray.get("temp_dir"), str):
+        data["ray"] = {**ray, "temp_dir": _resolve(base, ray["temp_dir"])}
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(source, error)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML config file; fails with a message naming the file (and field)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config file ({error.strerror or error})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(data, str(path), path.resolve().parent)

@@ -1,0 +1,32 @@
+"""The `forgeline run` flow: every stage in order, each skipped when its output is already complete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.config import STAGES, RunConfig
+from flows.ingest import ingest_flow
+
+STAGE_FLOWS = {"ingest": ingest_flow}
+
+
+def stages_until(until: str | None) -> tuple[str, ...]:
+    """The stages to run, in order, stopping after `until` (all when None)."""
+    if until is None:
+        return STAGES
+    if until not in STAGES:
+        raise ValueError(f"--until {until!r}: choose one of {', '.join(STAGES)}")
+    return STAGES[: STAGES.index(until) + 1]
+
+
+@flow(name="forgeline-run", log_prints=True)
+def pipeline_flow(config: RunConfig, until: str | None = None) -> dict[str, Any]:
+    """Run the pipeline's stages as subflows; returns each stage's output path and stats."""
+    logger = get_run_logger()
+    results: dict[str, Any] = {}
+    for stage in stages_until(until):
+        logger.info("stage %s", stage)
+        results[stage] = STAGE_FLOWS[stage](config)
+    return results

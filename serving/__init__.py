@@ -1,0 +1,1 @@
+"""Inference: KV cache, decoding, the engine, the Ray Serve app and retrieval (later issues)."""

@@ -1,0 +1,59 @@
+"""Ray side of ingest: one task per input file, each streaming its file into resumable shards."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from dataprep.ingest import IngestSettings, IngestUnit, run_ingest_unit
+from dataprep.stage import StageDir
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=1)
+def ingest_file_task(
+    stage_path: str, unit: IngestUnit, settings: IngestSettings, fail_after_shards: int | None
+) -> dict[str, Any]:
+    """Ray task: ingest one file into the stage directory and return its (small) stats dict."""
+    return run_ingest_unit(StageDir(Path(stage_path)), unit, settings, fail_after_shards)
+
+
+def run_ingest_units(
+    stage: StageDir,
+    units: list[IngestUnit],
+    settings: IngestSettings,
+    *,
+    max_retries: int = 3,
+    fail_after_shards: int | None = None,
+    on_progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every unit as a Ray task (retried by Ray if its worker dies); results in unit order.
+
+    Raises the first task error after all other tasks have finished, so their shards are published and
+    a rerun only redoes what failed.
+    """
+    task = ingest_file_task.options(max_retries=max_retries, retry_exceptions=False)
+    pending = {
+        task.remote(str(stage.path), unit, settings, fail_after_shards): unit.index for unit in units
+    }
+    results: dict[int, dict[str, Any]] = {}
+    errors: list[BaseException] = []
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        index = pending.pop(ready[0])
+        try:
+            results[index] = ray.get(ready[0])
+        except Exception as error:  # keep going: other units still publish their shards
+            log.error("ingest unit %05d failed: %s", index, error)
+            errors.append(error)
+            continue
+        if on_progress is not None:
+            on_progress(len(results), len(units), results[index])
+    if errors:
+        raise errors[0]
+    return [results[unit.index] for unit in units]

@@ -1,0 +1,68 @@
+"""Start or attach to Ray: local single-node mode on loopback, or an existing cluster by address."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Unix socket paths are limited to 107 bytes; Ray appends about 62 characters to its temp dir.
+MAX_TEMP_DIR_CHARS = 44
+LOCAL_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def ray_temp_dir(preferred: Path) -> Path:
+    """`preferred` when short enough for Ray's socket paths, else a stable short path under /tmp."""
+    preferred = preferred.resolve()
+    if len(str(preferred)) <= MAX_TEMP_DIR_CHARS:
+        return preferred
+    digest = hashlib.sha256(str(preferred).encode()).hexdigest()[:10]
+    short = Path("/tmp") / f"forgeline-ray-{digest}"
+    log.info("Ray temp dir %s is too long for unix sockets; using %s", preferred, short)
+    return short
+
+
+def init_ray(
+    address: str | None,
+    *,
+    temp_dir: Path,
+    num_cpus: int | None = None,
+    object_store_memory_mb: int | None = None,
+    dashboard: bool = False,
+    dashboard_port: int = 8265,
+) -> dict[str, object]:
+    """Connect to Ray once per process; returns a short description of the cluster.
+
+    `address=None` starts a local single-node Ray bound to 127.0.0.1 with auth off and its session files
+    under `temp_dir`. Any other address ('auto', 'ray://head:10001') attaches to a running cluster.
+    """
+    if not ray.is_initialized():
+        if address is None:
+            for key, value in LOCAL_ENV.items():
+                os.environ.setdefault(key, value)
+            directory = ray_temp_dir(temp_dir)
+            directory.mkdir(parents=True, exist_ok=True)
+            ray.init(
+                num_cpus=num_cpus,
+                object_store_memory=object_store_memory_mb * 2**20 if object_store_memory_mb else None,
+                include_dashboard=dashboard,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
+                _node_ip_address="127.0.0.1",
+                _temp_dir=str(directory),
+                configure_logging=False,
+                log_to_driver=True,
+            )
+        else:
+            ray.init(address=address, configure_logging=False, log_to_driver=True)
+    resources = ray.cluster_resources()
+    return {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "cpus": resources.get("CPU", 0)}
