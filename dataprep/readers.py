@@ -180,14 +180,15 @@ def iter_warc(
                 index += 1
             return
         except Exception as exc:  # any reader failure becomes a quarantined problem, then we resync
-            failed_at = offset
+            failed_at = max(base + iterator.offset, offset)  # start of the record that failed to load
+            resume = _next_record_start(fileobj, failed_at, gzipped)
             if index >= start_index:
+                problem = "truncated_record" if resume is None else _problem_from_exception(exc)
                 yield RawRecord(
                     index=index, source=source, source_format=fmt, offset=failed_at,
-                    problem=_problem_from_exception(exc), detail=f"{type(exc).__name__}: {exc}"[:500],
+                    problem=problem, detail=f"{type(exc).__name__}: {exc}"[:500],
                 )
             index += 1
-            resume = _next_record_start(fileobj, max(failed_at, offset), gzipped)
             if resume is None:
                 return
             base = resume
@@ -227,6 +228,23 @@ def _looks_like_url(value: str | None) -> bool:
     return bool(value) and value.startswith(("http://", "https://"))
 
 
+def _iter_lines(fileobj: IO[bytes], chunk_bytes: int = 1 << 16) -> Iterator[bytes]:
+    """Lines of a binary stream (works on decompressors that cannot iterate lines themselves).
+
+    `read1` returns what one decompression step produced, so a truncated stream loses as little as possible.
+    """
+    read = getattr(fileobj, "read1", fileobj.read)
+    pending = b""
+    while chunk := read(chunk_bytes):
+        pending += chunk
+        lines = pending.split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if pending:
+        yield pending
+
+
 def iter_jsonl(
     fileobj: IO[bytes],
     source: str,
@@ -239,7 +257,7 @@ def iter_jsonl(
     offset = 0
     index = 0
     try:
-        for line in fileobj:
+        for line in _iter_lines(fileobj):
             line_offset, offset = offset, offset + len(line)
             if not line.strip():
                 continue

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from warcio.statusandheaders import StatusAndHeaders
@@ -98,7 +99,7 @@ def _slug(title: str) -> str:
 # ----------------------------------------------------------------------------------------------- pages
 
 
-def _chunk_articles(articles: list[Article], limit: int | None) -> list[tuple[str, list[str]]]:
+def _chunk_articles(articles: Iterable[Article], limit: int | None) -> list[tuple[str, list[str]]]:
     pages: list[tuple[str, list[str]]] = []
     for article in articles:
         paragraphs = list(article.paragraphs)
@@ -210,7 +211,7 @@ def _insert_lines(prose: list[Page], rng: random.Random) -> None:
 def build_pages(prose_pages: int | None, seed: int = SEED) -> list[Page]:
     """All pages of the sample in crawl order."""
     rng = random.Random(seed)
-    chunks = _chunk_articles(list(iter_articles()), prose_pages)
+    chunks = _chunk_articles(iter_articles(), prose_pages)
     titles = [title for title, _ in chunks]
     prose = [_prose_page(title, part, rng.sample(titles, min(6, len(titles)))) for title, part in chunks]
     _insert_lines(prose, rng)
