@@ -145,6 +145,13 @@ def _next_record_start(fileobj: IO[bytes], after: int, gzipped: bool) -> int | N
         position += RESYNC_SCAN_BYTES
 
 
+def _trailing_bytes(fileobj: IO[bytes], end_of_last_record: int) -> int:
+    """Bytes after the last record the iterator returned, ignoring padding (a cut-off record if > 0)."""
+    fileobj.seek(end_of_last_record)
+    tail = fileobj.read(RESYNC_SCAN_BYTES)
+    return len(tail.strip(b"\r\n\x00 "))
+
+
 def _problem_from_exception(exc: BaseException) -> str:
     if isinstance(exc, zlib.error | EOFError):
         return "corrupt_gzip"
@@ -178,6 +185,12 @@ def iter_warc(
                         _read_payload(record, raw, max_payload_bytes)
                     yield raw
                 index += 1
+            trailing = _trailing_bytes(fileobj, base + iterator.offset)
+            if trailing and index >= start_index:
+                yield RawRecord(
+                    index=index, source=source, source_format=fmt, offset=base + iterator.offset,
+                    problem="truncated_record", detail=f"{trailing} bytes after the last complete record",
+                )
             return
         except Exception as exc:  # any reader failure becomes a quarantined problem, then we resync
             failed_at = max(base + iterator.offset, offset)  # start of the record that failed to load
@@ -267,7 +280,7 @@ def iter_jsonl(
             raw = RawRecord(index=index, source=source, source_format="jsonl", offset=line_offset)
             index += 1
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as exc:
                 raw.problem, raw.detail = "invalid_utf8", str(exc)[:500]
             except json.JSONDecodeError as exc:

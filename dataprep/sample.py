@@ -18,11 +18,11 @@ import json
 import random
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
 
 from warcio.statusandheaders import StatusAndHeaders

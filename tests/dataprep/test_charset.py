@@ -2,8 +2,14 @@
 
 from dataprep.charset import charset_from_content_type, decode_html, decode_utf8_text, normalise_charset
 
-RUSSIAN = "<html><body><p>Город стоит на берегу широкой реки, которая весной часто выходит из берегов.</p></body></html>"
-CHINESE = "<html><body><p>这座城市坐落在一条宽阔的河边，春天河水常常漫过堤岸。几百年来，这里的人们以经商为生。</p></body></html>"
+RUSSIAN = (
+    "<html><body><p>Город стоит на берегу широкой реки, "
+    "которая весной часто выходит из берегов.</p></body></html>"
+)
+CHINESE = (
+    "<html><body><p>这座城市坐落在一条宽阔的河边，春天河水常常漫过堤岸。"
+    "几百年来，这里的人们以经商为生。</p></body></html>"
+)
 
 
 def test_labels_follow_whatwg() -> None:

@@ -1,0 +1,49 @@
+"""Config loading: typed, relative paths resolved against the file, errors name the file and field."""
+
+from pathlib import Path
+
+import pytest
+
+from flows.config import ConfigError, load_config, parse_config
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "conf" / "run.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "run_dir: ../runs/x\ningest:\n  inputs: [../data/*.warc.gz, s3://bucket/a.warc.gz]\n")
+    config = load_config(path)
+    assert config.run_dir == (tmp_path / "runs" / "x").resolve()
+    assert config.ingest.inputs == [str((tmp_path / "data" / "*.warc.gz").resolve()), "s3://bucket/a.warc.gz"]
+    assert config.ingest.extractor == "resiliparse" and config.ray.address is None
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\n  extractor: boilerpipe\n", "ingest.extractor"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\n  shard_max_records: many\n", "ingest.shard_max_records"),
+        ("run_dir: r\ningest:\n  inputs: []\n", "ingest.inputs"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\n  typo_field: 1\n", "ingest.typo_field"),
+        ("ingest:\n  inputs: [a.warc]\n", "run_dir"),
+        ("run_dir: r\nray:\n  num_cpus: 0\ningest:\n  inputs: [a.warc]\n", "ray.num_cpus"),
+    ],
+)
+def test_errors_name_file_and_field(tmp_path: Path, body: str, field: str) -> None:
+    path = _write(tmp_path, body)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(path) in str(error.value) and f"  {field}:" in str(error.value)
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "run_dir: [unclosed\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        parse_config(["a"], "x.yaml")

@@ -1,0 +1,164 @@
+"""The ingest flow in local mode (real Ray, real Prefect) over real crawl samples and crafted bad input."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.config import parse_config
+from flows.ingest import ingest_flow
+from flows.inputs import InputError
+from tests.conftest import make_warc
+
+pytestmark = pytest.mark.integration
+
+REAL_FILES = {
+    "cc-2020-34-multilingual.warc.gz": 16,
+    "dolma-sample-0000.warc.gz": 22,
+    "dolma-sample-0001.warc.gz": 15,
+    "whirlwind.warc.gz": 1,
+    "whirlwind.warc.wet.gz": 1,
+    "cc-en-head-0091.jsonl": 10,
+}
+
+
+def _config(run_dir: Path, inputs: list[str], **ingest: object):
+    return parse_config({"run_dir": str(run_dir), "orchestration": {"task_retries": 0},
+                         "ingest": {"inputs": inputs, **ingest}})
+
+
+def _docs(result: dict) -> list[dict]:
+    return pq.read_table(Path(result["path"]) / "data").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def real_run(crawl_dir: Path, tmp_path_factory: pytest.TempPathFactory, prefect_server: None, ray_local: None):
+    inputs = [str(crawl_dir / name) for name in REAL_FILES]
+    config = _config(tmp_path_factory.mktemp("real"), inputs, shard_max_records=8)
+    return config, ingest_flow(config)
+
+
+def test_record_counts_per_file(real_run) -> None:
+    _, result = real_run
+    docs = _docs(result)
+    for name, expected in REAL_FILES.items():
+        assert sum(d["source"].endswith("/" + name) for d in docs) == expected, name
+    manifest = (Path(result["path"]) / "manifest.json").read_text()
+    assert '"records_out": 65' in manifest
+    stats = result["stats"]
+    assert stats["records_in"] == stats["records_out"] + sum(stats["dropped"].values())
+    assert (Path(result["path"]) / "_SUCCESS").is_file()
+
+
+def test_chinese_and_russian_pages_decode(real_run) -> None:
+    by_url = {d["url"]: d for d in _docs(real_run[1])}
+    russian = by_url["http://01spb.ru/company/"]
+    assert russian["charset"] == "cp1251" and "Стратегия пожарной безопасности" in russian["text"]
+    chinese = by_url["http://0760.jxtdw.com/area/sanxiang/"]
+    assert chinese["charset"] == "gbk" and "中山英才网热线" in chinese["text"]
+
+
+def test_identical_allenai_captures_all_present(real_run) -> None:
+    docs = [d for d in _docs(real_run[1]) if d["source"].endswith("dolma-sample-0001.warc.gz")]
+    allenai = [d for d in docs if d["url"].rstrip("/") in ("https://allenai.org", "http://allenai.org")]
+    assert len(allenai) == 3
+    assert len({d["text"] for d in allenai}) == 1 and len({d["doc_id"] for d in allenai}) == 3
+
+
+def test_wet_text_close_to_warc_extraction(real_run) -> None:
+    docs = {d["source_format"]: d for d in _docs(real_run[1]) if "an.wikipedia.org/wiki/Escopete" in (d["url"] or "")}
+    wet_words, warc_words = docs["wet"]["text"].split(), docs["warc"]["text"].split()
+    overlap = sum(b.size for b in difflib.SequenceMatcher(None, warc_words, wet_words).get_matching_blocks())
+    assert overlap / len(warc_words) > 0.8, "most of our main text is in Common Crawl's WET text"
+    assert len(warc_words) < len(wet_words), "main-text extraction drops the navigation WET keeps"
+
+
+def test_rerun_is_skipped(real_run) -> None:
+    config, first = real_run
+    again = ingest_flow(config)
+    assert again["skipped"] and again["path"] == first["path"]
+
+
+def test_fault_then_rerun_equals_undisturbed_run(crawl_dir: Path, tmp_path: Path, flow_env: None,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = [str(crawl_dir / "dolma-sample-0000.warc.gz"), str(crawl_dir / "cc-2020-34-multilingual.warc.gz")]
+    clean = ingest_flow(_config(tmp_path / "clean", inputs, shard_max_records=10))
+
+    config = _config(tmp_path / "crashed", inputs, shard_max_records=10)
+    monkeypatch.setenv("FORGELINE_INJECT_FAULT", "ingest:2")
+    with pytest.raises(Exception, match="injected fault"):
+        ingest_flow(config)
+    stage = Path(clean["path"].replace(str(tmp_path / "clean"), str(tmp_path / "crashed")))
+    assert not (stage / "_SUCCESS").exists()
+    assert len(list((stage / "data").glob("*.parquet"))) == 4, "two shards published per file before the fault"
+    monkeypatch.delenv("FORGELINE_INJECT_FAULT")
+    resumed = ingest_flow(config)
+
+    assert Path(resumed["path"]).name == Path(clean["path"]).name
+    assert resumed["stats"] == clean["stats"]
+    for subdir in ("data", "quarantine"):
+        clean_files = sorted(p.name for p in (Path(clean["path"]) / subdir).glob("*.parquet"))
+        assert clean_files == sorted(p.name for p in (stage / subdir).glob("*.parquet"))
+        for name in clean_files:
+            assert pq.read_table(stage / subdir / name).equals(pq.read_table(Path(clean["path"]) / subdir / name))
+
+
+def test_bad_input_is_quarantined_and_the_rest_completes(tmp_path: Path, flow_env: None) -> None:
+    good = make_warc([{"url": f"https://ok.example/{i}", "body": b"<html><body><p>" + b"Fine words here. " * 20
+                       + b"</p></body></html>"} for i in range(30)])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "good.warc.gz").write_bytes(good)
+    (tmp_path / "in" / "truncated.warc.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "in" / "notes.jsonl").write_bytes(b'{"text": "a fine note"}\n{broken\n\xff\xfe{"text": 1}\n')
+    result = ingest_flow(_config(tmp_path / "run", [str(tmp_path / "in" / "*")]))
+    stats = result["stats"]
+    assert stats["records_out"] == 30 + 1 + sum(1 for d in _docs(result) if "truncated" in d["source"])
+    assert stats["dropped"]["malformed_json"] == 1 and stats["dropped"]["invalid_utf8"] == 1
+    assert stats["dropped"].get("truncated_record", 0) >= 1
+    quarantine = pq.read_table(Path(result["path"]) / "quarantine").to_pylist()
+    assert {q["reason"] for q in quarantine} >= {"malformed_json", "truncated_record"}
+    assert all(q["source"] and q["source_offset"] is not None for q in quarantine)
+
+
+def test_missing_input_fails_before_any_work(tmp_path: Path, flow_env: None) -> None:
+    with pytest.raises(InputError, match=r"ingest.inputs\[1\]"):
+        ingest_flow(_config(tmp_path / "run", [__file__, str(tmp_path / "nope*.warc")]))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_stats_artifact_is_on_the_flow_run(real_run) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-stats"])))
+    assert artifacts and any("records in" in (a.data or "") for a in artifacts)
+    assert any(a.flow_run_id for a in artifacts)
+
+
+def test_home_directory_untouched_by_local_cli_run(tmp_path: Path, crawl_dir: Path) -> None:
+    """End to end through the CLI in a fresh process: local Ray + ephemeral Prefect, nothing in $HOME."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(crawl_dir / "whirlwind.warc.gz", tmp_path / "w.warc.gz")
+    (tmp_path / "c.yaml").write_text("run_dir: r\nray: {num_cpus: 1}\ningest:\n  inputs: [w.warc.gz]\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FORGELINE_"))}
+    env.update(HOME=str(home), FORGELINE_HOME=str(tmp_path / "state"))
+    cli = [sys.executable, "-m", "flows.cli"]
+    first = subprocess.run([*cli, "run", str(tmp_path / "c.yaml")], env=env, capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "ingest: done" in first.stdout and "records in 1 → out 1" in first.stdout
+    assert list(home.iterdir()) == [], f"written to HOME: {list(home.rglob('*'))[:5]}"
+    assert (tmp_path / "state" / "prefect").is_dir()
+    bad = subprocess.run([*cli, "ingest", str(tmp_path / "missing.yaml")], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "missing.yaml" in bad.stderr
