@@ -20,7 +20,7 @@ from dataprep.charset import decode_html, decode_utf8_text
 from dataprep.extract import get_extractor
 from dataprep.readers import FieldMap, RawRecord, open_records
 from dataprep.shards import publish_table, read_shard_meta
-from dataprep.stage import StageDir, merge_counts, shard_name
+from dataprep.stage import FaultPlan, StageDir, merge_counts, shard_name
 
 CODE_VERSION = "ingest-1"
 DATA_DIR = "data"
@@ -93,10 +93,6 @@ class IngestUnit:
     @property
     def name(self) -> str:
         return f"{self.index:05d}"
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the fault-injection hook used by resume tests and failure drills."""
 
 
 # ------------------------------------------------------------------------------------------ per record
@@ -302,12 +298,12 @@ def iter_unit_records(unit: IngestUnit, settings: IngestSettings, start_index: i
 
 
 def run_ingest_unit(
-    stage: StageDir, unit: IngestUnit, settings: IngestSettings, fail_after_shards: int | None = None
+    stage: StageDir, unit: IngestUnit, settings: IngestSettings, fault: FaultPlan | None = None
 ) -> dict[str, Any]:
     """Ingest one input file into `stage`, resuming after its last published shard.
 
     Returns the unit's stats (identical whether or not the unit was interrupted and resumed).
-    `fail_after_shards` raises `InjectedFault` once that many shards of this unit are published.
+    `fault` (a failure drill) fails the unit once that many of its shards are published.
     """
     finished = stage.finished_unit(unit.name)
     if finished is not None:
@@ -321,10 +317,12 @@ def run_ingest_unit(
         buffer.add(raw, kind, row, reason)
         next_index = raw.index + 1
         if buffer.full(settings):
-            shard_index = _flush(stage, unit, shard_index, buffer, next_index, totals, fail_after_shards)
+            shard_index = _flush(stage, unit, shard_index, buffer, next_index, totals)
             buffer = _ChunkBuffer()
+            if fault is not None:
+                fault.check(resumed_from, shard_index, unit.name)
     if buffer.stats.records_read or shard_index == 0:
-        shard_index = _flush(stage, unit, shard_index, buffer, next_index, totals, None)
+        shard_index = _flush(stage, unit, shard_index, buffer, next_index, totals)
     result = {
         "unit": unit.name,
         "uri": unit.uri,
@@ -345,11 +343,7 @@ def _flush(
     buffer: _ChunkBuffer,
     next_index: int,
     totals: ChunkStats,
-    fail_after_shards: int | None,
 ) -> int:
     _publish_chunk(stage, unit, shard_index, buffer, next_index)
     totals.add(asdict(buffer.stats))
-    shard_index += 1
-    if fail_after_shards is not None and shard_index >= fail_after_shards:
-        raise InjectedFault(f"injected fault after shard {shard_index} of unit {unit.name}")
-    return shard_index
+    return shard_index + 1

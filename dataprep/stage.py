@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from importlib import metadata
@@ -125,3 +126,33 @@ def merge_counts(target: dict[str, int], source: dict[str, int]) -> dict[str, in
     for key, value in source.items():
         target[key] = target.get(key, 0) + value
     return target
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a `FaultPlan` (failure drills and resume tests)."""
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Failure drill: fail a unit once `after_shards` of its shards are published in this attempt.
+
+    `kill=True` ends the worker process at once (as a node loss or OOM kill would) instead of raising.
+    A unit that resumes at or past the threshold is not failed again, so a retry or rerun completes.
+    """
+
+    after_shards: int
+    kill: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> FaultPlan:
+        """`<shards>` or `<shards>:kill`."""
+        count, _, mode = spec.partition(":")
+        if not count.isdigit() or int(count) < 1 or mode not in ("", "kill", "raise"):
+            raise ValueError(f"fault {spec!r}: expected '<shards>' or '<shards>:kill' with shards >= 1")
+        return cls(int(count), mode == "kill")
+
+    def check(self, resumed_from: int, published: int, unit: str) -> None:
+        if resumed_from < self.after_shards <= published:
+            if self.kill:
+                os._exit(137)
+            raise InjectedFault(f"injected fault after shard {published} of unit {unit}")

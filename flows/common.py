@@ -8,6 +8,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact
 
+from dataprep.stage import FaultPlan
 from flows.config import RunConfig
 from workers.ray_runtime import init_ray
 
@@ -27,15 +28,20 @@ def connect_ray(config: RunConfig) -> dict[str, object]:
     )
 
 
-def injected_fault(stage: str) -> int | None:
-    """Failure drill: `FORGELINE_INJECT_FAULT=<stage>:<k>` makes each unit of <stage> fail after k shards."""
+def injected_fault(stage: str) -> FaultPlan | None:
+    """Failure drill: `FORGELINE_INJECT_FAULT=<stage>:<k>[:kill]` fails each unit of <stage> after k shards.
+
+    Without `:kill` the unit raises (Prefect retries the stage task, or a rerun resumes); with `:kill`
+    the Ray worker process dies and Ray retries the task, which resumes after the published shards.
+    """
     value = os.environ.get(FAULT_ENV, "")
-    name, _, count = value.partition(":")
+    name, _, spec = value.partition(":")
     if name != stage:
         return None
-    if not count.isdigit() or int(count) < 1:
-        raise ValueError(f"{FAULT_ENV}={value!r}: expected '<stage>:<shards>' with shards >= 1")
-    return int(count)
+    try:
+        return FaultPlan.parse(spec)
+    except ValueError as error:
+        raise ValueError(f"{FAULT_ENV}={value!r}: {error}") from None
 
 
 def _counts_table(counts: dict[str, int], header: str) -> list[str]:

@@ -80,7 +80,7 @@ def ingest_files_task(config: RunConfig, stage_path: str, inputs: list[InputFile
         units,
         ingest_settings(config),
         max_retries=config.ray.task_max_retries,
-        fail_after_shards=injected_fault(STAGE),
+        fault=injected_fault(STAGE),
         on_progress=progress,
     )
 

@@ -10,17 +10,17 @@ from typing import Any
 import ray
 
 from dataprep.ingest import IngestSettings, IngestUnit, run_ingest_unit
-from dataprep.stage import StageDir
+from dataprep.stage import FaultPlan, StageDir
 
 log = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=1)
 def ingest_file_task(
-    stage_path: str, unit: IngestUnit, settings: IngestSettings, fail_after_shards: int | None
+    stage_path: str, unit: IngestUnit, settings: IngestSettings, fault: FaultPlan | None
 ) -> dict[str, Any]:
     """Ray task: ingest one file into the stage directory and return its (small) stats dict."""
-    return run_ingest_unit(StageDir(Path(stage_path)), unit, settings, fail_after_shards)
+    return run_ingest_unit(StageDir(Path(stage_path)), unit, settings, fault)
 
 
 def run_ingest_units(
@@ -29,7 +29,7 @@ def run_ingest_units(
     settings: IngestSettings,
     *,
     max_retries: int = 3,
-    fail_after_shards: int | None = None,
+    fault: FaultPlan | None = None,
     on_progress: Callable[[int, int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every unit as a Ray task (retried by Ray if its worker dies); results in unit order.
@@ -39,7 +39,7 @@ def run_ingest_units(
     """
     task = ingest_file_task.options(max_retries=max_retries, retry_exceptions=False)
     pending = {
-        task.remote(str(stage.path), unit, settings, fail_after_shards): unit.index for unit in units
+        task.remote(str(stage.path), unit, settings, fault): unit.index for unit in units
     }
     results: dict[int, dict[str, Any]] = {}
     errors: list[BaseException] = []

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dataprep.ingest import DATA_DIR, QUARANTINE_DIR, IngestSettings, IngestUnit, InjectedFault, run_ingest_unit
-from dataprep.stage import StageDir
+from dataprep.ingest import DATA_DIR, QUARANTINE_DIR, IngestSettings, IngestUnit, run_ingest_unit
+from dataprep.stage import FaultPlan, InjectedFault, StageDir
 from tests.conftest import html_page, make_warc
 
 PROSE = "The garden behind the old house was full of roses, and every summer the neighbours came to admire them."
@@ -68,10 +68,10 @@ def test_resume_after_fault_equals_undisturbed_run(tmp_path: Path, fail_after: i
     crashed = StageDir(tmp_path / "crashed" / "ingest-x")
     crashed.prepare()
     with pytest.raises(InjectedFault):
-        run_ingest_unit(crashed, unit, settings, fail_after_shards=fail_after)
+        run_ingest_unit(crashed, unit, settings, FaultPlan(fail_after))
     assert len(list((crashed.path / DATA_DIR).glob("*.parquet"))) == fail_after
     crashed.prepare()
-    resumed_stats = run_ingest_unit(crashed, unit, settings)
+    resumed_stats = run_ingest_unit(crashed, unit, settings, FaultPlan(fail_after))  # past it: no second fault
 
     assert resumed_stats["resumed_from_shard"] == fail_after
     for key in ("records_read", "docs_out", "quarantined", "skipped", "bytes_in", "chars_out", "shards"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -106,6 +107,18 @@ def test_fault_then_rerun_equals_undisturbed_run(crawl_dir: Path, tmp_path: Path
         assert clean_files == sorted(p.name for p in (stage / subdir).glob("*.parquet"))
         for name in clean_files:
             assert pq.read_table(stage / subdir / name).equals(pq.read_table(Path(clean["path"]) / subdir / name))
+
+
+def test_worker_killed_mid_unit_is_retried_by_ray_and_resumes(crawl_dir: Path, tmp_path: Path, flow_env: None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = [str(crawl_dir / "dolma-sample-0000.warc.gz")]
+    clean = ingest_flow(_config(tmp_path / "clean", inputs, shard_max_records=10))
+    monkeypatch.setenv("FORGELINE_INJECT_FAULT", "ingest:2:kill")
+    killed = ingest_flow(_config(tmp_path / "killed", inputs, shard_max_records=10))
+    (unit,) = json.loads((Path(killed["path"]) / "manifest.json").read_text())["units"]
+    assert unit["resumed_from_shard"] == 2, "the retried task continued after the two published shards"
+    assert killed["stats"] == clean["stats"]
+    assert pq.read_table(Path(killed["path"]) / "data").equals(pq.read_table(Path(clean["path"]) / "data"))
 
 
 def test_bad_input_is_quarantined_and_the_rest_completes(tmp_path: Path, flow_env: None) -> None:
