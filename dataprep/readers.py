@@ -152,6 +152,16 @@ def _trailing_bytes(fileobj: IO[bytes], end_of_last_record: int) -> int:
     return len(tail.strip(b"\r\n\x00 "))
 
 
+def _problem(index: int, source: str, fmt: str, offset: int | None, problem: str, detail: str) -> RawRecord:
+    """A record that stands for input the reader could not read (quarantined by the caller)."""
+    return RawRecord(index=index, source=source, source_format=fmt, offset=offset, problem=problem,
+                     detail=detail[:500])
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _problem_from_exception(exc: BaseException) -> str:
     if isinstance(exc, zlib.error | EOFError):
         return "corrupt_gzip"
@@ -187,20 +197,15 @@ def iter_warc(
                 index += 1
             trailing = _trailing_bytes(fileobj, base + iterator.offset)
             if trailing and index >= start_index:
-                yield RawRecord(
-                    index=index, source=source, source_format=fmt, offset=base + iterator.offset,
-                    problem="truncated_record", detail=f"{trailing} bytes after the last complete record",
-                )
+                yield _problem(index, source, fmt, base + iterator.offset, "truncated_record",
+                               f"{trailing} bytes after the last complete record")
             return
         except Exception as exc:  # any reader failure becomes a quarantined problem, then we resync
             failed_at = max(base + iterator.offset, offset)  # start of the record that failed to load
             resume = _next_record_start(fileobj, failed_at, gzipped)
             if index >= start_index:
                 problem = "truncated_record" if resume is None else _problem_from_exception(exc)
-                yield RawRecord(
-                    index=index, source=source, source_format=fmt, offset=failed_at,
-                    problem=problem, detail=f"{type(exc).__name__}: {exc}"[:500],
-                )
+                yield _problem(index, source, fmt, failed_at, problem, _describe(exc))
             index += 1
             if resume is None:
                 return
@@ -293,10 +298,7 @@ def iter_jsonl(
             yield raw
     except Exception as exc:  # a truncated or corrupt compressed stream (gzip, zstd, ...)
         if index >= start_index:
-            yield RawRecord(
-                index=index, source=source, source_format="jsonl", offset=offset,
-                problem="corrupt_compression", detail=f"{type(exc).__name__}: {exc}"[:500],
-            )
+            yield _problem(index, source, "jsonl", offset, "corrupt_compression", _describe(exc))
 
 
 def iter_parquet(
@@ -308,18 +310,25 @@ def iter_parquet(
     max_payload_bytes: int = 10_000_000,
     batch_rows: int = 1024,
 ) -> Iterator[RawRecord]:
-    """Yield one record per row, reading record batches so memory stays bounded."""
-    parquet = pq.ParquetFile(fileobj)
+    """Yield one record per row, reading record batches so memory stays bounded.
+
+    A file that is not valid Parquet, or a row group that cannot be read, ends the file with one
+    `corrupt_parquet` problem record; rows read before it are kept.
+    """
     index = 0
-    for batch in parquet.iter_batches(batch_size=batch_rows):
-        if index + batch.num_rows <= start_index:
-            index += batch.num_rows
-            continue
-        for row in batch.to_pylist():
-            if index >= start_index:
-                raw = RawRecord(index=index, source=source, source_format="parquet", offset=index)
-                yield _row_to_raw(row, raw, fields, max_payload_bytes)
-            index += 1
+    try:
+        for batch in pq.ParquetFile(fileobj).iter_batches(batch_size=batch_rows):
+            if index + batch.num_rows <= start_index:
+                index += batch.num_rows
+                continue
+            for row in batch.to_pylist():
+                if index >= start_index:
+                    raw = RawRecord(index=index, source=source, source_format="parquet", offset=index)
+                    yield _row_to_raw(row, raw, fields, max_payload_bytes)
+                index += 1
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError on corrupt files
+        if index >= start_index:
+            yield _problem(index, source, "parquet", index, "corrupt_parquet", _describe(exc))
 
 
 def open_records(

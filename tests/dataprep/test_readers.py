@@ -127,6 +127,13 @@ def test_parquet_rows_and_resume(tmp_path: Path) -> None:
     assert records[0].text == "doc 2000"
 
 
+def test_corrupt_parquet_is_one_problem_record(tmp_path: Path) -> None:
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"PAR1 this is not parquet at all PAR1")
+    (record,) = open_records(str(path), "parquet")
+    assert record.problem == "corrupt_parquet" and record.detail.startswith("ArrowInvalid")
+
+
 def test_detect_format() -> None:
     assert detect_format("s3://b/CC-MAIN-1.warc.gz") == "warc"
     assert detect_format("x/CC-MAIN-1.warc.wet.gz") == "wet"
