@@ -1,0 +1,120 @@
+"""Pure dedup logic: LSH banding, star candidate edges, Jaccard verification and connected components.
+
+Documents are identified by dense integer ids (their rank by `doc_id`), so every result is independent of
+input order and of how buckets are partitioned across workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+from datasketch.lsh import _optimal_param
+
+from dataprep.minhash import fmix32, jaccard
+
+_BAND_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
+    """(bands, rows) minimising weighted false positive/negative probability (datasketch's method)."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    bands, rows = _optimal_param(threshold, num_perm, fp_weight, fn_weight)
+    return int(bands), int(rows)
+
+
+def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """A (documents × bands) uint64 key per band: a mixed polynomial hash of its `rows` signature values.
+
+    Two documents share a band key iff (barring a 2^-64 collision) their signatures agree on that band.
+    """
+    if bands * rows > signatures.shape[1]:
+        raise ValueError(f"{bands} bands × {rows} rows exceed {signatures.shape[1]} permutations")
+    keys = np.zeros((signatures.shape[0], bands), dtype=np.uint64)
+    for band in range(bands):
+        block = signatures[:, band * rows : (band + 1) * rows].astype(np.uint64)
+        value = np.full(signatures.shape[0], np.uint64(band + 1), dtype=np.uint64)
+        for column in range(rows):
+            value = (value * _BAND_MULTIPLIER) ^ (block[:, column] + np.uint64(column))
+        high = fmix32((value >> np.uint64(32)).astype(np.uint32)).astype(np.uint64)
+        low = fmix32((value & np.uint64(0xFFFFFFFF)).astype(np.uint32)).astype(np.uint64)
+        keys[:, band] = (high << np.uint64(32)) | low
+    return keys
+
+
+def star_edges(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Candidate edges (k × 2, smallest id first) linking each bucket's smallest id to every other member.
+
+    `keys[i]` is the bucket of document `ids[i]`; a bucket of m documents yields m - 1 edges, not m².
+    """
+    if keys.size == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    order = np.lexsort((ids, keys))
+    sorted_keys, sorted_ids = keys[order], ids[order].astype(np.int64)
+    starts = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
+    group_start = np.maximum.accumulate(np.where(starts, np.arange(len(sorted_keys)), 0))
+    heads = sorted_ids[group_start]
+    members = ~starts & (sorted_ids != heads)
+    return np.unique(np.stack([heads[members], sorted_ids[members]], axis=1), axis=0)
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1 whose root is always the smallest member (deterministic)."""
+
+    def __init__(self, size: int) -> None:
+        self.parent = np.arange(size, dtype=np.int64)
+
+    def find(self, node: int) -> int:
+        parent = self.parent
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = int(parent[node])
+        return node
+
+    def union(self, first: int, second: int) -> None:
+        root_a, root_b = self.find(first), self.find(second)
+        if root_a != root_b:
+            low, high = min(root_a, root_b), max(root_a, root_b)
+            self.parent[high] = low
+
+    def labels(self) -> np.ndarray:
+        """Component label (its smallest member) of every node."""
+        return np.array([self.find(node) for node in range(len(self.parent))], dtype=np.int64)
+
+
+def connected_components(size: int, edges: Iterable[tuple[int, int]]) -> np.ndarray:
+    """Labels of the connected components of an undirected graph on 0..size-1."""
+    forest = UnionFind(size)
+    for first, second in edges:
+        forest.union(int(first), int(second))
+    return forest.labels()
+
+
+def verify_edges(
+    edges: np.ndarray, shingles: Sequence[set[bytes]], threshold: float
+) -> list[tuple[int, int, float]]:
+    """Keep a candidate edge only when the exact Jaccard similarity of its two shingle sets ≥ threshold.
+
+    This is what stops a chain of near-misses (A~B~C with A and C far apart) from merging through
+    MinHash estimation noise: only edges that are truly similar enter the components.
+    """
+    kept = []
+    for first, second in edges:
+        similarity = jaccard(shingles[int(first)], shingles[int(second)])
+        if similarity >= threshold:
+            kept.append((int(first), int(second), similarity))
+    return kept
+
+
+def normalise_url(url: str | None) -> str | None:
+    """Lower-case scheme and host, default port and fragment dropped, empty path as '/'."""
+    if not url:
+        return None
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    port = f":{parts.port}" if parts.port and parts.port != _DEFAULT_PORTS.get(scheme) else ""
+    return urlunsplit((scheme, host + port, parts.path or "/", parts.query, ""))
