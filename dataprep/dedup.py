@@ -118,3 +118,17 @@ def normalise_url(url: str | None) -> str | None:
     host = (parts.hostname or "").lower()
     port = f":{parts.port}" if parts.port and parts.port != _DEFAULT_PORTS.get(scheme) else ""
     return urlunsplit((scheme, host + port, parts.path or "/", parts.query, ""))
+
+
+KEEP_RULES = ("earliest_crawl", "longest_text", "lowest_id")
+
+
+def representative_order(rule: str, doc_id: str, length: int, crawl_date: object) -> tuple:
+    """Sort key: the smallest sorts first and is kept; ties fall back to the lowest doc id."""
+    if rule == "earliest_crawl":
+        return (crawl_date is None, str(crawl_date or ""), doc_id)
+    if rule == "longest_text":
+        return (-length, doc_id)
+    if rule == "lowest_id":
+        return (doc_id,)
+    raise ValueError(f"unknown keep rule {rule!r}; choose one of {KEEP_RULES}")

@@ -13,6 +13,7 @@ import importlib
 import inspect
 import io
 import pkgutil
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -46,6 +47,11 @@ def as_prose(paragraph: str) -> str | None:
     if letters < MIN_LETTER_SHARE or not text.endswith("."):
         return None
     return text
+
+
+def _dedup_key(paragraph: str) -> str:
+    """Paragraphs equal but for the identifiers they name (templated docstrings) count as one."""
+    return re.sub(r"`[^`]*`|\w+\(\)", "", paragraph)
 
 
 def _quiet_import(name: str) -> ModuleType | None:
@@ -90,8 +96,8 @@ def _module_articles(root: str, seen: set[str]) -> Iterator[Article]:
         for doc in _docstrings(module):
             for block in doc.split("\n\n"):
                 text = as_prose(block)
-                if text and text not in seen:
-                    seen.add(text)
+                if text and _dedup_key(text) not in seen:
+                    seen.add(_dedup_key(text))
                     paragraphs.append(text)
         if paragraphs:
             yield Article(module.__name__, root, tuple(paragraphs))
@@ -105,8 +111,8 @@ def reference_articles(seen: set[str]) -> Iterator[Article]:
         paragraphs = []
         for block in topics[name].split("\n\n"):
             text = as_prose(block)
-            if text and text not in seen:
-                seen.add(text)
+            if text and _dedup_key(text) not in seen:
+                seen.add(_dedup_key(text))
                 paragraphs.append(text)
         if paragraphs:
             yield Article(f"The {name} statement and topic", "pydoc_data", tuple(paragraphs))

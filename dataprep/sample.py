@@ -1,7 +1,7 @@
 """The bundled sample crawl: a deterministic WARC set built offline that exercises every stage.
 
 What it holds (counts in `SAMPLE.json`): English prose pages with navigation boilerplate (prose from
-`dataprep.prose`), exact copies (mirrors and re-captures), near-duplicates (about 3 % of words changed),
+`dataprep.prose`), exact copies (mirrors and re-captures), near-duplicates (about 2 % of words changed),
 navigation-only and very short pages, German/French/Spanish/Russian (cp1251)/Chinese (GBK) pages, pages with
 spam and offensive lines, non-HTML payloads, 404/301 responses, an undecodable page and an empty one; plus
 a JSONL file with one malformed line. `truth.jsonl` holds the main text of each prose page, for measuring
@@ -123,11 +123,11 @@ def _prose_page(title: str, paragraphs: list[str], related: list[str], kind: str
     return Page(url, markup.encode("utf-8"), kind, truth="\n".join([title, *paragraphs]))
 
 
-def _edit_words(paragraphs: list[str], rng: random.Random, share: float = 0.03) -> list[str]:
+def _edit_words(paragraphs: list[str], rng: random.Random, share: float = 0.02) -> list[str]:
     edited = []
     for paragraph in paragraphs:
         words = paragraph.split(" ")
-        for position in rng.sample(range(len(words)), max(1, int(len(words) * share))):
+        for position in rng.sample(range(len(words)), round(len(words) * share)):
             words[position] = rng.choice(EDIT_WORDS)
         edited.append(" ".join(words))
     return edited

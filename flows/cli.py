@@ -61,6 +61,8 @@ def _report(results: dict[str, Any]) -> None:
             f"  records in {stats['records_in']:,} → out {stats['records_out']:,}; "
             f"dropped {json.dumps(stats['dropped'], sort_keys=True)}"
         )
+        if "clusters" in stats:
+            typer.echo(f"  clusters {stats['clusters']:,}, largest {stats['largest_cluster']:,}")
     typer.echo("Prefect UI: `make ui`, then http://127.0.0.1:4200 (flow runs and their stats artifacts)")
 
 
@@ -86,6 +88,15 @@ def ingest(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = Fals
 
     cfg = _load(config, address, local)
     _report({"ingest": _run(ingest_flow, cfg)})
+
+
+@app.command()
+def dedup(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = False) -> None:
+    """Remove exact, URL and near-duplicate documents (runs ingest first if it is not complete)."""
+    from flows.pipeline import pipeline_flow
+
+    cfg = _load(config, address, local)
+    _report(_run(pipeline_flow, cfg, "dedup"))
 
 
 @app.command()

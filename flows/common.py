@@ -53,26 +53,32 @@ def _counts_table(counts: dict[str, int], header: str) -> list[str]:
 
 
 def stats_markdown(manifest: dict[str, Any], skipped: bool = False) -> str:
-    """A markdown report of a stage manifest: totals, drops per reason and the per-unit table."""
+    """A markdown report of a stage manifest: totals, drops per reason, details and per-unit rows."""
     stats = manifest["stats"]
+    volume = [key for key in ("bytes_in", "chars_out") if key in stats]
+    header = ["records in", "records out", "dropped", *[key.replace("_", " ") for key in volume], "seconds"]
+    values = [stats["records_in"], stats["records_out"], sum(stats["dropped"].values()),
+              *[stats[key] for key in volume]]
     lines = [
         f"# {manifest['stage']} — `{manifest['name']}`",
         "",
         "_already complete: skipped on this run_" if skipped else "",
         f"Output: `{manifest['path']}`",
         "",
-        "| records in | records out | dropped | bytes in | chars out | seconds |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {stats['records_in']:,} | {stats['records_out']:,} | {sum(stats['dropped'].values()):,} "
-        f"| {stats['bytes_in']:,} | {stats['chars_out']:,} | {manifest['timings']['seconds']:.1f} |",
+        "| " + " | ".join(header) + " |",
+        "|" + "---:|" * len(header),
+        "| " + " | ".join(f"{v:,}" for v in values) + f" | {manifest['timings']['seconds']:.1f} |",
         "",
         "## Dropped, by reason",
         "",
         *_counts_table(stats["dropped"], "Reason"),
-        "## Skipped (not documents)",
-        "",
-        *_counts_table(stats.get("skipped", {}), "Record type"),
     ]
+    if "skipped" in stats:
+        lines += ["## Skipped (not documents)", "", *_counts_table(stats["skipped"], "Record type")]
+    details = {k: v for k, v in stats.items() if k not in ("records_in", "records_out", "dropped", "skipped", *volume)}
+    if details:
+        lines += ["## Details", "", "| stat | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in details.items()] + [""]
     units = manifest.get("units", [])
     if units:
         lines += ["## Inputs", "", "| unit | input | in | out | dropped |", "|---|---|---:|---:|---:|"]

@@ -64,6 +64,27 @@ class IngestConfig(_Strict):
     fields: FieldsConfig = FieldsConfig()
 
 
+class DedupConfig(_Strict):
+    """The dedup stage: exact, URL and MinHash-LSH near-duplicate removal."""
+
+    exact: bool = Field(True, description="drop documents whose normalised text is identical")
+    url: bool = Field(True, description="drop re-captures of the same normalised URL")
+    fuzzy: bool = Field(True, description="MinHash-LSH near-duplicates")
+    threshold: float = Field(0.7, gt=0.0, lt=1.0, description="Jaccard similarity of shingle sets")
+    num_perm: int = Field(128, ge=8, le=1024)
+    seed: int = Field(1, ge=0)
+    shingle: Literal["word", "char"] = "word"
+    ngram: int = Field(5, ge=1, description="words (or characters) per shingle")
+    shingle_hash: Literal["xxh32", "sha1"] = "xxh32"
+    false_positive_weight: float = Field(0.2, ge=0.0, le=1.0, description="LSH tuning; verification removes FPs")
+    false_negative_weight: float = Field(0.8, ge=0.0, le=1.0, description="LSH tuning: favour recall")
+    bands: int | None = Field(None, ge=1, description="override datasketch's optimal bands")
+    rows: int | None = Field(None, ge=1, description="override datasketch's optimal rows per band")
+    verify: bool = Field(True, description="keep a fuzzy edge only if exact Jaccard >= threshold")
+    num_actors: int = Field(2, ge=1, description="LSH bucket actors (each holds 1/N of the keys)")
+    keep: Literal["earliest_crawl", "longest_text", "lowest_id"] = "earliest_crawl"
+
+
 class RunConfig(_Strict):
     """A whole pipeline run."""
 
@@ -72,6 +93,7 @@ class RunConfig(_Strict):
     ray: RayConfig = RayConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     ingest: IngestConfig
+    dedup: DedupConfig = DedupConfig()
 
     @field_validator("name")
     @classmethod
@@ -81,7 +103,7 @@ class RunConfig(_Strict):
         return value
 
 
-STAGES: tuple[str, ...] = ("ingest",)
+STAGES: tuple[str, ...] = ("ingest", "dedup")
 
 
 def _is_url(path: str) -> bool:

@@ -7,9 +7,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.config import STAGES, RunConfig
+from flows.dedup import dedup_flow
 from flows.ingest import ingest_flow
-
-STAGE_FLOWS = {"ingest": ingest_flow}
 
 
 def stages_until(until: str | None) -> tuple[str, ...]:
@@ -26,7 +25,9 @@ def pipeline_flow(config: RunConfig, until: str | None = None) -> dict[str, Any]
     """Run the pipeline's stages as subflows; returns each stage's output path and stats."""
     logger = get_run_logger()
     results: dict[str, Any] = {}
-    for stage in stages_until(until):
-        logger.info("stage %s", stage)
-        results[stage] = STAGE_FLOWS[stage](config)
+    selected = stages_until(until)
+    logger.info("stages: %s", ", ".join(selected))
+    results["ingest"] = ingest_flow(config)
+    if "dedup" in selected:
+        results["dedup"] = dedup_flow(config, results["ingest"]["path"])
     return results

@@ -1,0 +1,266 @@
+"""Ray side of dedup: signature tasks per shard, bucket actors per hash partition, verification tasks.
+
+Flow of data (nothing but small arrays passes through the driver):
+1. `signature_task` per input shard: normalised-text hash, normalised-URL hash and LSH band keys of every
+   document, written to `_work/sig/` (atomic, so a rerun skips finished shards).
+2. `route_task` per signature shard pushes keys to `BucketActor`s, partitioned by key hash, so each actor
+   holds about 1/N of all keys; each actor returns star edges (smallest doc key → other members).
+3. `gather_task` per input shard returns text, length and crawl date of just the documents on an edge;
+   `verify_task` keeps a fuzzy edge only when the exact Jaccard similarity reaches the threshold.
+4. The driver joins the verified edges into connected components (union-find over the documents that
+   have an edge), picks one representative per cluster and `filter_task` writes the kept documents.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import xxhash
+
+from dataprep.dedup import band_hashes, normalise_url, star_edges
+from dataprep.minhash import MinHasher, char_shingles, jaccard, normalise_text, word_shingles
+from dataprep.shards import publish_table
+
+METHODS = ("exact", "url", "fuzzy")
+
+
+def doc_key(doc_id: str) -> int:
+    """A signed 64-bit key per document id (xxh3); orders documents independently of input order."""
+    return int(np.uint64(xxhash.xxh3_64_intdigest(doc_id.encode())).astype(np.int64))
+
+
+def shingles_of(text: str, kind: str, ngram: int) -> list[bytes]:
+    return word_shingles(text, ngram) if kind == "word" else char_shingles(text, ngram)
+
+
+def _text_hash(text: str) -> int:
+    return int(np.uint64(xxhash.xxh3_64_intdigest(normalise_text(text).encode())).astype(np.int64))
+
+
+def _url_hash(url: str | None) -> int:
+    normal = normalise_url(url)
+    return 0 if normal is None else int(np.uint64(xxhash.xxh3_64_intdigest(normal.encode())).astype(np.int64))
+
+
+@ray.remote(num_cpus=1)
+def signature_task(source: str, target: str, tmp_dir: str, params: dict[str, Any]) -> int:
+    """Keys of one input shard → `target` (skipped when it exists). Returns the document count."""
+    if Path(target).exists():
+        return pq.read_metadata(target).num_rows
+    table = pq.read_table(source, columns=["doc_id", "text", "url"])
+    doc_ids, texts, urls = (table[c].to_pylist() for c in ("doc_id", "text", "url"))
+    hasher = MinHasher(num_perm=params["num_perm"], seed=params["seed"], shingle_hash=params["shingle_hash"])
+    signatures = hasher.signatures(shingles_of(t, params["shingle"], params["ngram"]) for t in texts)
+    bands = band_hashes(signatures, params["bands"], params["rows"]).view(np.int64)
+    columns = {
+        "key": pa.array([doc_key(d) for d in doc_ids], pa.int64()),
+        "text_hash": pa.array([_text_hash(t) for t in texts], pa.int64()),
+        "url_hash": pa.array([_url_hash(u) for u in urls], pa.int64()),
+        "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1)), params["bands"]),
+    }
+    publish_table(pa.table(columns), Path(target), Path(tmp_dir))
+    return len(doc_ids)
+
+
+@ray.remote(num_cpus=0)
+class BucketActor:
+    """Holds the (bucket key, document key) pairs of its hash partition, per dedup method."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in METHODS}
+
+    def add(self, method: str, buckets: np.ndarray, keys: np.ndarray) -> int:
+        self.parts[method].append((buckets, keys))
+        return len(keys)
+
+    def edges(self, method: str) -> np.ndarray:
+        parts = self.parts.pop(method, [])
+        if not parts:
+            return np.empty((0, 2), dtype=np.int64)
+        buckets = np.concatenate([b for b, _ in parts]).view(np.uint64)
+        keys = np.concatenate([k for _, k in parts])
+        return star_edges(buckets, keys)
+
+    def memory_bytes(self) -> int:
+        return sum(b.nbytes + k.nbytes for parts in self.parts.values() for b, k in parts)
+
+
+def _band_buckets(bands: np.ndarray) -> np.ndarray:
+    """One bucket per (band index, band key): mix the band index into the key."""
+    index = np.arange(bands.shape[1], dtype=np.uint64)[None, :] * np.uint64(0x9E3779B97F4A7C15)
+    return (bands.view(np.uint64) ^ index).reshape(-1)
+
+
+@ray.remote(num_cpus=1)
+def route_task(sig_path: str, actors: list[Any], methods: list[str]) -> int:
+    """Send each key of one signature shard to the actor that owns its bucket (bucket mod N)."""
+    table = pq.read_table(sig_path)
+    keys = table["key"].to_numpy()
+    count = len(actors)
+    pending = []
+    for method in methods:
+        if method == "fuzzy":
+            width = table.schema.field("bands").type.list_size
+            bands = np.asarray(pc.list_flatten(table["bands"]).to_numpy(), dtype=np.int64).reshape(-1, width)
+            buckets, members = _band_buckets(bands), np.repeat(keys, width)
+        else:
+            column = table["text_hash" if method == "exact" else "url_hash"].to_numpy()
+            valid = column != 0
+            buckets, members = column[valid].view(np.uint64), keys[valid]
+        owner = (buckets % np.uint64(count)).astype(np.int64)
+        for index, actor in enumerate(actors):
+            chosen = owner == index
+            if chosen.any():
+                pending.append(actor.add.remote(method, buckets[chosen].view(np.int64), members[chosen]))
+    ray.get(pending)
+    return len(keys)
+
+
+@ray.remote(num_cpus=1)
+def gather_task(source: str, wanted: np.ndarray) -> dict[int, tuple[str, str, int, Any, str | None]]:
+    """doc key → (doc_id, text, text length, crawl date, url) for the wanted documents of one shard."""
+    table = pq.read_table(source, columns=["doc_id", "text", "crawl_date", "url"])
+    keys = np.array([doc_key(d) for d in table["doc_id"].to_pylist()], dtype=np.int64)
+    rows = np.flatnonzero(np.isin(keys, wanted))
+    picked = table.take(pa.array(rows)).to_pylist()
+    return {
+        int(keys[r]): (p["doc_id"], p["text"], len(p["text"]), p["crawl_date"], p["url"])
+        for r, p in zip(rows, picked, strict=True)
+    }
+
+
+@ray.remote(num_cpus=1)
+def verify_task(edges: np.ndarray, texts: dict[int, str], params: dict[str, Any]) -> list[tuple[int, int, float]]:
+    """Exact Jaccard of each candidate edge; keeps those at or above the threshold."""
+    cache: dict[int, set[bytes]] = {}
+
+    def shingle_set(key: int) -> set[bytes]:
+        if key not in cache:
+            cache[key] = set(shingles_of(texts[key], params["shingle"], params["ngram"]))
+        return cache[key]
+
+    kept = []
+    for first, second in edges.tolist():
+        similarity = jaccard(shingle_set(first), shingle_set(second))
+        if similarity >= params["threshold"]:
+            kept.append((first, second, similarity))
+    return kept
+
+
+@ray.remote(num_cpus=1)
+def filter_task(source: str, target: str, tmp_dir: str, removed: np.ndarray) -> int:
+    """Copy one input shard without its removed documents (atomic; skipped when published)."""
+    if Path(target).exists():
+        return pq.read_metadata(target).num_rows
+    table = pq.read_table(source)
+    keys = np.array([doc_key(d) for d in table["doc_id"].to_pylist()], dtype=np.int64)
+    kept = table.filter(pa.array(~np.isin(keys, removed)))
+    publish_table(kept.replace_schema_metadata(None), Path(target), Path(tmp_dir))
+    return kept.num_rows
+
+
+def _chunks(array: np.ndarray, size: int) -> list[np.ndarray]:
+    return [array[i : i + size] for i in range(0, len(array), size)] or [array]
+
+
+def run_dedup(
+    sources: list[Path], work_dir: Path, out_dir: Path, tmp_dir: Path, params: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Dedup the document shards `sources`; returns (stats, one row per removed document).
+
+    Kept documents are written to `out_dir` with the same file names as their source shards.
+    """
+    from dataprep.dedup import connected_components, representative_order
+
+    sig_paths = [work_dir / "sig" / s.name for s in sources]
+    docs_in = sum(ray.get([
+        signature_task.remote(str(s), str(t), str(tmp_dir), params) for s, t in zip(sources, sig_paths, strict=True)
+    ]))
+    methods = [m for m in METHODS if params[m]]
+    actors = [BucketActor.remote() for _ in range(params["num_actors"])]
+    ray.get([route_task.remote(str(p), actors, methods) for p in sig_paths])
+    peak_actor_bytes = max(ray.get([a.memory_bytes.remote() for a in actors]), default=0)
+    edges = {m: np.concatenate(ray.get([a.edges.remote(m) for a in actors])) for m in methods}
+    for actor in actors:
+        ray.kill(actor)
+    candidates = {m: np.unique(e, axis=0) if len(e) else e.reshape(0, 2) for m, e in edges.items()}
+    involved = np.unique(np.concatenate([e.reshape(-1) for e in candidates.values()] or [np.empty(0, np.int64)]))
+    info: dict[int, tuple[str, str, int, Any, str | None]] = {}
+    wanted = ray.put(involved)
+    for part in ray.get([gather_task.remote(str(s), wanted) for s in sources]):
+        info.update(part)
+    verified: list[tuple[int, int, float]] = []
+    fuzzy = candidates.get("fuzzy", np.empty((0, 2), np.int64))
+    if len(fuzzy) and params["verify"]:
+        texts = ray.put({k: v[1] for k, v in info.items()})
+        for part in ray.get([verify_task.remote(c, texts, params) for c in _chunks(fuzzy, 2000)]):
+            verified.extend(part)
+    elif len(fuzzy):
+        verified = [(int(a), int(b), float("nan")) for a, b in fuzzy.tolist()]
+    dense = {int(k): i for i, k in enumerate(involved.tolist())}
+    all_edges = [(dense[a], dense[b]) for a, b, _ in verified]
+    for method in ("exact", "url"):
+        all_edges += [(dense[a], dense[b]) for a, b in candidates.get(method, np.empty((0, 2))).tolist()]
+    labels = connected_components(len(involved), all_edges)
+    clusters: dict[int, list[int]] = {}
+    for index, label in enumerate(labels.tolist()):
+        clusters.setdefault(label, []).append(index)
+    rows, removed = _cluster_rows(clusters, involved, info, params, representative_order)
+    ray.get([filter_task.remote(str(s), str(out_dir / s.name), str(tmp_dir), ray.put(np.array(removed, np.int64)))
+             for s in sources])
+    counts = {m: sum(r["method"] == m for r in rows) for m in METHODS}
+    sizes = [len(m) for m in clusters.values() if len(m) > 1]
+    stats = {
+        "records_in": docs_in,
+        "records_out": docs_in - len(removed),
+        "dropped": {f"{m}_duplicate": counts[m] for m in METHODS if counts[m]},
+        "clusters": len(sizes),
+        "largest_cluster": max(sizes, default=1),
+        "candidate_edges": {m: int(len(e)) for m, e in candidates.items()},
+        "verified_fuzzy_edges": len(verified),
+        "lsh": {"bands": params["bands"], "rows": params["rows"]},
+        "peak_actor_bytes": int(peak_actor_bytes),
+    }
+    return stats, rows
+
+
+def _cluster_rows(clusters, involved, info, params, order) -> tuple[list[dict[str, Any]], list[int]]:
+    """One audit row per removed document, and the keys of the removed documents."""
+    rows: list[dict[str, Any]] = []
+    removed: list[int] = []
+    shingle_cache: dict[int, set[bytes]] = {}
+
+    def shingle_set(key: int) -> set[bytes]:
+        if key not in shingle_cache:
+            shingle_cache[key] = set(shingles_of(info[key][1], params["shingle"], params["ngram"]))
+        return shingle_cache[key]
+
+    for members in clusters.values():
+        if len(members) < 2:
+            continue
+        keys = [int(involved[m]) for m in members]
+        ranked = sorted(keys, key=lambda k: order(params["keep"], info[k][0], info[k][2], info[k][3]))
+        keep, cluster_id = ranked[0], min(info[k][0] for k in keys)
+        for key in ranked[1:]:
+            same_text = normalise_text(info[key][1]) == normalise_text(info[keep][1])
+            same_url = normalise_url(info[key][4]) is not None and normalise_url(info[key][4]) == normalise_url(
+                info[keep][4]
+            )
+            method = "exact" if same_text else "url" if same_url else "fuzzy"
+            rows.append({
+                "doc_id": info[key][0],
+                "cluster_id": cluster_id,
+                "representative_id": info[keep][0],
+                "similarity": 1.0 if same_text else jaccard(shingle_set(key), shingle_set(keep)),
+                "method": method,
+                "cluster_size": len(keys),
+            })
+            removed.append(key)
+    rows.sort(key=lambda r: r["doc_id"])
+    return rows, removed
