@@ -212,8 +212,8 @@ def run_dedup(
     for index, label in enumerate(labels.tolist()):
         clusters.setdefault(label, []).append(index)
     rows, removed = _cluster_rows(clusters, involved, info, params, representative_order)
-    ray.get([filter_task.remote(str(s), str(out_dir / s.name), str(tmp_dir), ray.put(np.array(removed, np.int64)))
-             for s in sources])
+    removed_ref = ray.put(np.array(removed, np.int64))
+    ray.get([filter_task.remote(str(s), str(out_dir / s.name), str(tmp_dir), removed_ref) for s in sources])
     counts = {m: sum(r["method"] == m for r in rows) for m in METHODS}
     sizes = [len(m) for m in clusters.values() if len(m) > 1]
     stats = {

@@ -1,0 +1,156 @@
+"""Benchmark: dedup signatures, quality and scaling, all in one run.
+
+1. Signatures per core (128 perms, word 5-grams, ~500-word docs, end to end from text): ours vs
+   datasketch update loop / update_batch / bulk, and rensa when installed (see benchmarks/minhash.py).
+2. Quality on a generated corpus (default 20,000 docs) with planted near-duplicates at graded edit rates
+   and exact Jaccard ground truth: precision and recall of duplicate pairs with J >= 0.8 (threshold 0.8).
+3. Scaling: docs/s of the whole dedup with Ray on 1 and 2 CPUs; data held per LSH actor as the corpus doubles.
+
+    .venv/bin/python benchmarks/dedup.py [--docs 20000] [--sig-docs 2000]
+
+Last line: {"benchmark": "dedup", "metrics": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import minhash as signature_bench  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
+
+from dataprep.dedup import lsh_params  # noqa: E402
+from dataprep.ingest import DOCUMENT_SCHEMA  # noqa: E402
+from dataprep.minhash import jaccard, word_shingles  # noqa: E402
+from workers.dedup import run_dedup  # noqa: E402
+from workers.ray_runtime import init_ray  # noqa: E402
+
+EDIT_RATES = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12)
+THRESHOLD = 0.8
+
+
+def make_corpus(docs: int, seed: int = 0) -> tuple[list[dict], dict[tuple[str, str], float]]:
+    """Originals plus one edited copy for 10 % of them; returns docs and the Jaccard of each planted pair."""
+    rng = random.Random(seed)
+    vocabulary = [f"w{i}" for i in range(50_000)]
+    originals = docs * 10 // 11
+    rows, planted = [], {}
+    for i in range(originals):
+        words = [rng.choice(vocabulary) for _ in range(rng.randrange(100, 400))]
+        rows.append({"doc_id": f"o{i:06d}", "text": " ".join(words)})
+        if len(rows) < docs and i % 10 == 0:
+            edited = list(words)
+            rate = EDIT_RATES[(i // 10) % len(EDIT_RATES)]
+            for position in rng.sample(range(len(edited)), max(1, int(len(edited) * rate))):
+                edited[position] = rng.choice(vocabulary)
+            rows.append({"doc_id": f"n{i:06d}", "text": " ".join(edited)})
+            pair = (f"o{i:06d}", f"n{i:06d}")
+            planted[pair] = jaccard(set(word_shingles(rows[-2]["text"])), set(word_shingles(rows[-1]["text"])))
+    for row in rows:
+        row.update(url=None, crawl_date=None, source="bench", source_format="jsonl", source_index=0, payload_bytes=1)
+    return rows, planted
+
+
+def write_shards(folder: Path, rows: list[dict], per_shard: int = 2000) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, start in enumerate(range(0, len(rows), per_shard)):
+        path = folder / f"part-{number:05d}-00000.parquet"
+        pq.write_table(pa.Table.from_pylist(rows[start : start + per_shard], schema=DOCUMENT_SCHEMA), path)
+        paths.append(path)
+    return paths
+
+
+def params(actors: int) -> dict:
+    bands, rows = lsh_params(THRESHOLD, 128, 0.2, 0.8)
+    return {"exact": True, "url": False, "fuzzy": True, "threshold": THRESHOLD, "num_perm": 128, "seed": 1,
+            "shingle": "word", "ngram": 5, "shingle_hash": "xxh32", "verify": True, "num_actors": actors,
+            "keep": "lowest_id", "bands": bands, "rows": rows}
+
+
+def dedup_once(sources: list[Path], work: Path, actors: int) -> tuple[float, dict, list[dict]]:
+    started = time.perf_counter()
+    stats, rows = run_dedup(sources, work / "work", work / "out", work / "tmp", params(actors))
+    return time.perf_counter() - started, stats, rows
+
+
+def predicted_pairs(rows: list[dict]) -> set[tuple[str, str]]:
+    clusters: dict[str, set[str]] = {}
+    for row in rows:
+        clusters.setdefault(row["cluster_id"], {row["representative_id"]}).add(row["doc_id"])
+    return {tuple(sorted(p)) for members in clusters.values() for p in itertools.combinations(members, 2)}
+
+
+def quality(rows: list[dict], planted: dict[tuple[str, str], float]) -> dict[str, float]:
+    truth = {tuple(sorted(pair)) for pair, similarity in planted.items() if similarity >= THRESHOLD}
+    predicted = predicted_pairs(rows)
+    hits = len(predicted & truth)
+    return {"true_pairs": len(truth), "predicted_pairs": len(predicted),
+            "precision": round(hits / max(len(predicted), 1), 4), "recall": round(hits / max(len(truth), 1), 4)}
+
+
+def restart_ray(cpus: int, temp: Path) -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(None, temp_dir=temp / f"ray{cpus}", num_cpus=cpus)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=20_000)
+    parser.add_argument("--sig-docs", type=int, default=2000)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    texts = signature_bench.corpus(args.sig_docs)
+    metrics: dict[str, object] = {"signatures_docs_per_s": {
+        "datasketch_update": signature_bench.rate("datasketch update loop", signature_bench.datasketch_update,
+                                                  texts[: max(200, args.sig_docs // 10)]),
+        "datasketch_bulk": signature_bench.rate("datasketch bulk", signature_bench.datasketch_bulk, texts),
+        "ours": signature_bench.rate("ours (xxh32)", signature_bench.ours("xxh32"), texts),
+    }}
+    try:
+        metrics["signatures_docs_per_s"]["rensa"] = signature_bench.rate("rensa", signature_bench.rensa, texts)
+    except ImportError:
+        print("rensa not installed: skipped", flush=True)
+    sig = metrics["signatures_docs_per_s"]
+    for name in ("datasketch_update", "datasketch_bulk", "rensa"):
+        if name in sig:
+            metrics[f"signatures_ours_vs_{name}"] = round(sig["ours"] / sig[name], 2)
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        root = Path(tmp)
+        rows, planted = make_corpus(args.docs)
+        sources = write_shards(root / "full", rows)
+        half_sources = write_shards(root / "half", rows[: len(rows) // 2])
+        scaling = {}
+        for cpus in (1, 2):
+            restart_ray(cpus, root)
+            seconds, stats, removed = dedup_once(sources, root / f"run{cpus}", actors=cpus)
+            scaling[f"docs_per_s_{cpus}_cpu"] = round(len(rows) / seconds, 1)
+            print(f"dedup on {cpus} CPU: {seconds:.1f} s, {stats['dropped']}", flush=True)
+        metrics["quality"] = quality(removed, planted)
+        print(f"quality {metrics['quality']}", flush=True)
+        _, half_stats, _ = dedup_once(half_sources, root / "half-run", actors=2)
+        scaling["actor_bytes_half_corpus"] = half_stats["peak_actor_bytes"]
+        scaling["actor_bytes_full_corpus"] = stats["peak_actor_bytes"]
+        metrics["scaling"] = scaling
+        metrics["docs"] = len(rows)
+        ray.shutdown()
+    print(json.dumps({"benchmark": "dedup", "metrics": metrics}))
+
+
+if __name__ == "__main__":
+    main()
