@@ -13,6 +13,7 @@ Flow of data (nothing but small arrays passes through the driver):
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from dataprep.minhash import MinHasher, char_shingles, jaccard, normalise_text, 
 from dataprep.shards import publish_table
 
 METHODS = ("exact", "url", "fuzzy")
+log = logging.getLogger(__name__)
 
 
 def doc_key(doc_id: str) -> int:
@@ -165,6 +167,31 @@ def filter_task(source: str, target: str, tmp_dir: str, removed: np.ndarray) -> 
     return kept.num_rows
 
 
+BUCKET_ATTEMPTS = 3
+
+
+def _bucket_edges(sig_paths: list[Path], methods: list[str], num_actors: int) -> tuple[dict[str, np.ndarray], int]:
+    """Route every key to fresh bucket actors and collect star edges; redone when an actor is lost.
+
+    Actor state lives in memory only, so losing an actor (its node died) restarts this phase from the
+    published signature shards with new actors; the result does not depend on where actors ran.
+    """
+    for attempt in range(1, BUCKET_ATTEMPTS + 1):
+        actors = [BucketActor.remote() for _ in range(num_actors)]
+        try:
+            ray.get([route_task.remote(str(p), actors, methods) for p in sig_paths])
+            peak = max(ray.get([a.memory_bytes.remote() for a in actors]), default=0)
+            return {m: np.concatenate(ray.get([a.edges.remote(m) for a in actors])) for m in methods}, peak
+        except ray.exceptions.RayActorError as error:
+            if attempt == BUCKET_ATTEMPTS:
+                raise
+            log.warning("bucket actor lost (%s); redoing the bucketing phase (attempt %d)", error, attempt + 1)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+    raise AssertionError("unreachable")
+
+
 def _chunks(array: np.ndarray, size: int) -> list[np.ndarray]:
     return [array[i : i + size] for i in range(0, len(array), size)] or [array]
 
@@ -183,12 +210,7 @@ def run_dedup(
         signature_task.remote(str(s), str(t), str(tmp_dir), params) for s, t in zip(sources, sig_paths, strict=True)
     ]))
     methods = [m for m in METHODS if params[m]]
-    actors = [BucketActor.remote() for _ in range(params["num_actors"])]
-    ray.get([route_task.remote(str(p), actors, methods) for p in sig_paths])
-    peak_actor_bytes = max(ray.get([a.memory_bytes.remote() for a in actors]), default=0)
-    edges = {m: np.concatenate(ray.get([a.edges.remote(m) for a in actors])) for m in methods}
-    for actor in actors:
-        ray.kill(actor)
+    edges, peak_actor_bytes = _bucket_edges(sig_paths, methods, params["num_actors"])
     candidates = {m: np.unique(e, axis=0) if len(e) else e.reshape(0, 2) for m, e in edges.items()}
     involved = np.unique(np.concatenate([e.reshape(-1) for e in candidates.values()] or [np.empty(0, np.int64)]))
     info: dict[int, tuple[str, str, int, Any, str | None]] = {}

@@ -1,0 +1,70 @@
+"""Failure drill run in its own process by test_dedup_node_loss: a worker node dies mid-dedup.
+
+A `ray.cluster_utils.Cluster` with a head and two worker nodes runs the dedup twice on the same shards:
+once undisturbed, once with a worker node removed as soon as the first signature shard is published.
+Prints one JSON line comparing the two outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from tests.workers.test_dedup_workers import PARAMS, _corpus, _write_shards  # noqa: E402
+from workers.dedup import run_dedup  # noqa: E402
+
+
+def outcome(root: Path, sources: list[Path]) -> tuple[list, list]:
+    _, rows = run_dedup(sources, root / "work", root / "out", root / "tmp", PARAMS)
+    kept = sorted(d for p in sorted((root / "out").glob("*.parquet")) for d in pq.read_table(p)["doc_id"].to_pylist())
+    return sorted((r["doc_id"], r["representative_id"], r["method"]) for r in rows), kept
+
+
+def main(folder: str) -> None:
+    root = Path(folder)
+    local = {"node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, **local})
+    workers = [cluster.add_node(num_cpus=1, **local) for _ in range(2)]
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    docs, _ = _corpus(random.Random(5), originals=240)
+    sources = _write_shards(root / "in", docs, 6)
+    reference = outcome(root / "clean", sources)
+
+    result: dict[str, object] = {}
+    disturbed_root = root / "disturbed"
+    thread = threading.Thread(target=lambda: result.update(value=outcome(disturbed_root, sources)))
+    thread.start()
+    deadline = time.time() + 60
+    while not list((disturbed_root / "work" / "sig").glob("*.parquet")) and time.time() < deadline:
+        time.sleep(0.01)
+    cluster.remove_node(workers[0])
+    removed_after = len(list((disturbed_root / "work" / "sig").glob("*.parquet")))
+    thread.join(timeout=300)
+    print(json.dumps({
+        "same": result.get("value") == reference,
+        "removed_after_sig_shards": removed_after,
+        "sig_shards": len(sources),
+        "duplicates": len(reference[0]),
+        "alive_nodes": len([n for n in ray.nodes() if n["Alive"]]),
+    }))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
