@@ -64,13 +64,17 @@ def normalise_text(text: str) -> str:
 
 
 def word_shingles(text: str, n: int = 5) -> list[bytes]:
-    """Word n-grams of normalised text, UTF-8 encoded, space-joined; a short text is one shingle."""
-    words = _WORD.findall(normalise_text(text))
+    """Word n-grams of normalised text, UTF-8 encoded, space-joined; a short text is one shingle.
+
+    Words are the `\\w+` runs of the NFC, lower-cased text (whitespace folding cannot change them).
+    """
+    words = _WORD.findall(unicodedata.normalize("NFC", text).lower())
     if not words:
         return []
     if len(words) < n:
         return [" ".join(words).encode()]
-    return list(dict.fromkeys(" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)))
+    grams = map(" ".join, zip(*(words[i:] for i in range(n)), strict=False))
+    return [gram.encode() for gram in dict.fromkeys(grams)]
 
 
 def char_shingles(text: str, n: int = 24) -> list[bytes]:
