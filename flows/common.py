@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from dataprep.stage import FaultPlan
+from dataprep.stage import FaultPlan, StageDir
 from flows.config import RunConfig
 from workers.ray_runtime import init_ray
 
@@ -98,3 +99,19 @@ def publish_artifact(manifest: dict[str, Any], skipped: bool = False) -> None:
         markdown=stats_markdown(manifest, skipped),
         description=f"{manifest['stage']} stats for {manifest['name']}",
     )
+
+
+def completed_stage_result(stage: StageDir) -> dict[str, Any] | None:
+    """For a complete stage: log the skip, re-attach its report, return its result; None otherwise."""
+    if not stage.is_complete():
+        return None
+    manifest = stage.read_manifest()
+    get_run_logger().info("%s: %s is complete; skipping", manifest["stage"], stage.path)
+    publish_artifact(manifest, skipped=True)
+    return {"path": str(stage.path), "skipped": True, "stats": manifest["stats"]}
+
+
+def stage_task_options(config: RunConfig) -> dict[str, Any]:
+    """Prefect retry options for a stage's compute task (a retry resumes per shard)."""
+    return {"retries": config.orchestration.task_retries,
+            "retry_delay_seconds": config.orchestration.retry_delay_seconds}

@@ -15,7 +15,7 @@ from dataprep.dedup import lsh_params
 from dataprep.ingest import DATA_DIR, DOCUMENT_SCHEMA
 from dataprep.shards import publish_table, schema_to_json
 from dataprep.stage import StageDir, package_version, stage_hash
-from flows.common import connect_ray, publish_artifact
+from flows.common import completed_stage_result, connect_ray, publish_artifact, stage_task_options
 from flows.config import RunConfig
 from workers.dedup import run_dedup
 
@@ -74,15 +74,10 @@ def dedup_flow(config: RunConfig, upstream_path: str) -> dict[str, Any]:
     if not upstream.is_complete():
         raise ValueError(f"dedup input {upstream.path} is not a complete stage (no _SUCCESS)")
     stage = dedup_stage_dir(config, upstream)
-    if stage.is_complete():
-        manifest = stage.read_manifest()
-        logger.info("dedup: %s is complete; skipping", stage.path)
-        publish_artifact(manifest, skipped=True)
-        return {"path": str(stage.path), "skipped": True, "stats": manifest["stats"]}
+    if (done := completed_stage_result(stage)) is not None:
+        return done
     stage.prepare()
-    runner = dedup_task.with_options(
-        retries=config.orchestration.task_retries, retry_delay_seconds=config.orchestration.retry_delay_seconds
-    )
+    runner = dedup_task.with_options(**stage_task_options(config))
     stats = runner(config, str(upstream.path), str(stage.path))
     manifest = {
         "stage": STAGE,

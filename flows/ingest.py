@@ -23,7 +23,7 @@ from dataprep.ingest import (
 from dataprep.readers import FieldMap
 from dataprep.shards import schema_to_json
 from dataprep.stage import StageDir, merge_counts, package_version, stage_hash
-from flows.common import connect_ray, injected_fault, publish_artifact
+from flows.common import completed_stage_result, connect_ray, injected_fault, publish_artifact, stage_task_options
 from flows.config import RunConfig
 from flows.inputs import InputFile, open_check, resolve_inputs
 from workers.ingest import run_ingest_units
@@ -144,16 +144,10 @@ def ingest_flow(config: RunConfig) -> dict[str, Any]:
     started = time.time()
     inputs = resolve_task(config)
     stage = ingest_stage_dir(config, inputs)
-    if stage.is_complete():
-        manifest = stage.read_manifest()
-        logger.info("ingest: %s is complete; skipping", stage.path)
-        publish_artifact(manifest, skipped=True)
-        return {"path": str(stage.path), "skipped": True, "stats": manifest["stats"]}
+    if (done := completed_stage_result(stage)) is not None:
+        return done
     stage.prepare()
-    runner = ingest_files_task.with_options(
-        retries=config.orchestration.task_retries,
-        retry_delay_seconds=config.orchestration.retry_delay_seconds,
-    )
+    runner = ingest_files_task.with_options(**stage_task_options(config))
     units = runner(config, str(stage.path), inputs)
     manifest = build_manifest(config, stage, inputs, units, started)
     stage.publish(manifest)
