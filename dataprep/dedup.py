@@ -6,7 +6,7 @@ input order and of how buckets are partitioned across workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -94,7 +94,7 @@ def connected_components(size: int, edges: Iterable[tuple[int, int]]) -> np.ndar
 
 
 def verify_edges(
-    edges: np.ndarray, shingles: Sequence[set[bytes]], threshold: float
+    edges: np.ndarray, shingles: Sequence[set[bytes]] | Mapping[int, set[bytes]], threshold: float
 ) -> list[tuple[int, int, float]]:
     """Keep a candidate edge only when the exact Jaccard similarity of its two shingle sets ≥ threshold.
 

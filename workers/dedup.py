@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import ray
 import xxhash
 
-from dataprep.dedup import band_hashes, normalise_url, star_edges
+from dataprep.dedup import band_hashes, normalise_url, star_edges, verify_edges
 from dataprep.minhash import MinHasher, char_shingles, jaccard, normalise_text, word_shingles
 from dataprep.shards import publish_table
 
@@ -32,9 +32,14 @@ METHODS = ("exact", "url", "fuzzy")
 log = logging.getLogger(__name__)
 
 
+def _signed_hash(text: str) -> int:
+    """xxh3-64 of the UTF-8 text as a signed int64 (Arrow and numpy int64 columns)."""
+    return int(np.uint64(xxhash.xxh3_64_intdigest(text.encode())).astype(np.int64))
+
+
 def doc_key(doc_id: str) -> int:
     """A signed 64-bit key per document id (xxh3); orders documents independently of input order."""
-    return int(np.uint64(xxhash.xxh3_64_intdigest(doc_id.encode())).astype(np.int64))
+    return _signed_hash(doc_id)
 
 
 def shingles_of(text: str, kind: str, ngram: int) -> list[bytes]:
@@ -42,12 +47,12 @@ def shingles_of(text: str, kind: str, ngram: int) -> list[bytes]:
 
 
 def _text_hash(text: str) -> int:
-    return int(np.uint64(xxhash.xxh3_64_intdigest(normalise_text(text).encode())).astype(np.int64))
+    return _signed_hash(normalise_text(text))
 
 
 def _url_hash(url: str | None) -> int:
     normal = normalise_url(url)
-    return 0 if normal is None else int(np.uint64(xxhash.xxh3_64_intdigest(normal.encode())).astype(np.int64))
+    return 0 if normal is None else _signed_hash(normal)
 
 
 @ray.remote(num_cpus=1)
@@ -140,19 +145,10 @@ def gather_task(source: str, wanted: np.ndarray) -> dict[int, tuple[str, str, in
 @ray.remote(num_cpus=1)
 def verify_task(edges: np.ndarray, texts: dict[int, str], params: dict[str, Any]) -> list[tuple[int, int, float]]:
     """Exact Jaccard of each candidate edge; keeps those at or above the threshold."""
-    cache: dict[int, set[bytes]] = {}
-
-    def shingle_set(key: int) -> set[bytes]:
-        if key not in cache:
-            cache[key] = set(shingles_of(texts[key], params["shingle"], params["ngram"]))
-        return cache[key]
-
-    kept = []
-    for first, second in edges.tolist():
-        similarity = jaccard(shingle_set(first), shingle_set(second))
-        if similarity >= params["threshold"]:
-            kept.append((first, second, similarity))
-    return kept
+    shingle_sets = {
+        int(key): set(shingles_of(texts[int(key)], params["shingle"], params["ngram"])) for key in np.unique(edges)
+    }
+    return verify_edges(edges, shingle_sets, params["threshold"])
 
 
 @ray.remote(num_cpus=1)
