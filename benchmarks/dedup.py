@@ -76,7 +76,7 @@ def write_shards(folder: Path, rows: list[dict], per_shard: int = 2000) -> list[
 def params(actors: int) -> dict:
     bands, rows = lsh_params(THRESHOLD, 128, 0.2, 0.8)
     return {"exact": True, "url": False, "fuzzy": True, "threshold": THRESHOLD, "num_perm": 128, "seed": 1,
-            "shingle": "word", "ngram": 5, "shingle_hash": "xxh32", "verify": True, "num_actors": actors,
+            "shingle": "word", "ngram": 5, "shingle_hash": "xxh32-words", "verify": True, "num_actors": actors,
             "keep": "lowest_id", "bands": bands, "rows": rows}
 
 
@@ -119,7 +119,7 @@ def main() -> None:
         "datasketch_update": signature_bench.rate("datasketch update loop", signature_bench.datasketch_update,
                                                   texts[: max(200, args.sig_docs // 10)]),
         "datasketch_bulk": signature_bench.rate("datasketch bulk", signature_bench.datasketch_bulk, texts),
-        "ours": signature_bench.rate("ours (xxh32)", signature_bench.ours("xxh32"), texts),
+        "ours": signature_bench.rate("ours (xxh32-words)", signature_bench.ours("xxh32-words"), texts),
     }}
     try:
         metrics["signatures_docs_per_s"]["rensa"] = signature_bench.rate("rensa", signature_bench.rensa, texts)

@@ -75,7 +75,7 @@ class DedupConfig(_Strict):
     seed: int = Field(1, ge=0)
     shingle: Literal["word", "char"] = "word"
     ngram: int = Field(5, ge=1, description="words (or characters) per shingle")
-    shingle_hash: Literal["xxh32", "sha1"] = "xxh32"
+    shingle_hash: Literal["xxh32-words", "xxh32", "sha1"] = "xxh32-words"
     false_positive_weight: float = Field(0.2, ge=0.0, le=1.0, description="LSH tuning; verification removes FPs")
     false_negative_weight: float = Field(0.8, ge=0.0, le=1.0, description="LSH tuning: favour recall")
     bands: int | None = Field(None, ge=1, description="override datasketch's optimal bands")

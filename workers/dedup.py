@@ -63,7 +63,10 @@ def signature_task(source: str, target: str, tmp_dir: str, params: dict[str, Any
     table = pq.read_table(source, columns=["doc_id", "text", "url"])
     doc_ids, texts, urls = (table[c].to_pylist() for c in ("doc_id", "text", "url"))
     hasher = MinHasher(num_perm=params["num_perm"], seed=params["seed"], shingle_hash=params["shingle_hash"])
-    signatures = hasher.signatures(shingles_of(t, params["shingle"], params["ngram"]) for t in texts)
+    if params["shingle"] == "word":
+        signatures = hasher.text_signatures(texts, params["ngram"])
+    else:
+        signatures = hasher.signatures(char_shingles(t, params["ngram"]) for t in texts)
     bands = band_hashes(signatures, params["bands"], params["rows"]).view(np.int64)
     columns = {
         "key": pa.array([doc_key(d) for d in doc_ids], pa.int64()),

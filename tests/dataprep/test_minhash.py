@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import re
+import unicodedata
 
 import numpy as np
 import pytest
@@ -13,8 +15,10 @@ from dataprep.minhash import (
     char_shingles,
     jaccard,
     sha1_shingle_hash,
+    text_words,
     word_shingles,
     xxh32_shingle_hash,
+    xxh32_words_shingle_hash,
 )
 
 WORDS = (
@@ -27,7 +31,17 @@ def _random_text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) + rng.choice(["", "s", "ed"]) for _ in range(words))
 
 
-@pytest.mark.parametrize(("shingle_hash", "function"), [("sha1", sha1_shingle_hash), ("xxh32", xxh32_shingle_hash)])
+HASHES = [("sha1", sha1_shingle_hash), ("xxh32", xxh32_shingle_hash), ("xxh32-words", xxh32_words_shingle_hash)]
+MIXED_PIECES = [
+    "abc", "DEF", "ghi,", "ü", "ß", "İ", "K", "é\u00a0", "—", "’s", "12_3", "日本語", "\t\n", "Ⅻ", "ﬁ", " ", ".",
+]
+
+
+def _mixed_text(rng: random.Random, pieces: int) -> str:
+    return "".join(rng.choice(MIXED_PIECES) for _ in range(pieces))
+
+
+@pytest.mark.parametrize(("shingle_hash", "function"), HASHES)
 @pytest.mark.parametrize(("num_perm", "seed"), [(128, 1), (64, 42), (256, 7)])
 def test_signatures_equal_datasketch(shingle_hash: str, function, num_perm: int, seed: int) -> None:
     rng = random.Random(seed)
@@ -38,6 +52,34 @@ def test_signatures_equal_datasketch(shingle_hash: str, function, num_perm: int,
         reference.update_batch(shingles)
         assert reference.scheme == "affine32"
         np.testing.assert_array_equal(hasher.signature(shingles), reference.hashvalues)
+
+
+@pytest.mark.parametrize(("shingle_hash", "function"), HASHES)
+@pytest.mark.parametrize("ngram", [1, 3, 5, 9])
+def test_batched_text_signatures_equal_datasketch(shingle_hash: str, function, ngram: int) -> None:
+    """The vectorised batch path (`text_signatures`) equals datasketch fed `word_shingles` one by one."""
+    rng = random.Random(ngram)
+    texts = [_mixed_text(rng, rng.randrange(0, 150)) for _ in range(60)] + ["", "one", "two words", "a b c d"]
+    hasher = MinHasher(num_perm=64, seed=3, shingle_hash=shingle_hash)
+    batch = hasher.text_signatures(texts, ngram)
+    for text, row in zip(texts, batch, strict=True):
+        reference = MinHash(num_perm=64, seed=3, hashfunc=function)
+        reference.update_batch(word_shingles(text, ngram))
+        np.testing.assert_array_equal(row, reference.hashvalues)
+
+
+def test_text_words_equal_unicode_regex() -> None:
+    """The byte-table fast path gives exactly the `\\w+` runs of the NFC, lower-cased text."""
+    rng = random.Random(5)
+    for _ in range(2000):
+        text = _mixed_text(rng, rng.randrange(0, 40))
+        expected = [word.encode() for word in re.findall(r"\w+", unicodedata.normalize("NFC", text).lower())]
+        assert text_words(text) == expected, text
+
+
+def test_words_hash_is_linear_in_word_hashes() -> None:
+    assert xxh32_words_shingle_hash(b"a b") != xxh32_words_shingle_hash(b"b a")
+    assert xxh32_words_shingle_hash(b"a") != xxh32_shingle_hash(b"a")  # position 0 is multiplied too
 
 
 def test_empty_document_matches_datasketch_empty() -> None:

@@ -17,7 +17,7 @@ from workers.dedup import run_dedup
 pytestmark = pytest.mark.integration
 
 PARAMS = {"exact": True, "url": True, "fuzzy": True, "threshold": 0.7, "num_perm": 128, "seed": 1,
-          "shingle": "word", "ngram": 5, "shingle_hash": "xxh32", "verify": True, "num_actors": 2,
+          "shingle": "word", "ngram": 5, "shingle_hash": "xxh32-words", "verify": True, "num_actors": 2,
           "keep": "earliest_crawl"}
 PARAMS["bands"], PARAMS["rows"] = lsh_params(0.7, 128, 0.2, 0.8)
 
