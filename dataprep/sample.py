@@ -28,7 +28,7 @@ from typing import Any
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from dataprep.prose import Article, iter_articles, source_versions
+from dataprep.prose import Article, iter_articles, reference_articles, source_versions
 from dataprep.shards import atomic_write_bytes
 
 SEED = 20261122
@@ -288,6 +288,9 @@ def build_sample(out_dir: str | Path, prose_pages: int | None = None, warc_files
     truth = "".join(json.dumps({"url": p.url, "kind": p.kind, "text": p.truth}) + "\n"
                     for p in pages if p.truth is not None and p.kind.startswith("prose"))
     _write_if_changed(out / "truth.jsonl", truth.encode())
+    reference = "".join(json.dumps({"title": a.title, "text": "\n\n".join(a.paragraphs)}) + "\n"
+                        for a in reference_articles(set()))
+    _write_if_changed(out / "reference.jsonl", reference.encode())
     summary = {
         "pages": len(pages),
         "kinds": dict(sorted(Counter(p.kind for p in pages).items())),

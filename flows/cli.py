@@ -63,6 +63,11 @@ def _report(results: dict[str, Any]) -> None:
         )
         if "clusters" in stats:
             typer.echo(f"  clusters {stats['clusters']:,}, largest {stats['largest_cluster']:,}")
+        if "steps" in stats:
+            from dataprep.funnel import funnel_markdown
+
+            typer.echo(f"  funnel ({result['path']}/funnel.png; removed documents in removed/<step>/):")
+            typer.echo("\n".join("    " + line for line in funnel_markdown(stats).splitlines()))
     typer.echo("Prefect UI: `make ui`, then http://127.0.0.1:4200 (flow runs and their stats artifacts)")
 
 
@@ -97,6 +102,66 @@ def dedup(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = False
 
     cfg = _load(config, address, local)
     _report(_run(pipeline_flow, cfg, "dedup"))
+
+
+@app.command(name="filter")
+def filter_command(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = False) -> None:
+    """Quality, language and toxicity filtering with a per-rule audit (runs earlier stages if needed)."""
+    from flows.pipeline import pipeline_flow
+
+    cfg = _load(config, address, local)
+    _report(_run(pipeline_flow, cfg, "filter"))
+
+
+@app.command(name="train-quality")
+def train_quality(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = False) -> None:
+    """Train the fastText quality classifier of `filter.train_quality` (negatives default to the dedup output)."""
+    from flows.pipeline import pipeline_flow
+    from flows.train import train_quality_flow
+
+    cfg = _load(config, address, local)
+    training = cfg.filter.train_quality
+    if training is None:
+        typer.secho(f"{config}: set filter.train_quality (positives, output) first", fg="red", err=True)
+        raise typer.Exit(2)
+    negatives = training.negatives
+    if negatives is None:
+        negatives = [str(Path(_run(pipeline_flow, cfg, "dedup")["dedup"]["path"]) / "data")]
+    metrics = _run(train_quality_flow, training, negatives, cfg.ray)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command(name="train-toxicity")
+def train_toxicity(
+    labels: Annotated[Path, typer.Argument(help="Jigsaw-layout CSV: comment_text (or text), toxic (0/1)")],
+    out: Annotated[Path, typer.Option(help="where the fastText model goes")],
+    epoch: Annotated[int, typer.Option(min=1)] = 25,
+    quantize: Annotated[bool, typer.Option(help="write a small quantised .ftz model")] = True,
+) -> None:
+    """Train a fastText toxicity classifier (labels toxic / clean) on local Ray, with held-out scores."""
+    from flows.config import RayConfig
+    from flows.train import train_toxicity_flow
+
+    metrics = _run(train_toxicity_flow, labels, out, RayConfig(), 0.2, epoch, 0, quantize)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command(name="label-toxicity")
+def label_toxicity(
+    out: Annotated[Path, typer.Argument(help="Jigsaw-layout CSV to write")],
+    sentences: Annotated[int, typer.Option(min=10, help="real sentences to label")] = 20_000,
+) -> None:
+    """Distil alt-profanity-check into Jigsaw-layout labels on real sentences (needs the `labels` extra)."""
+    from dataprep.fasttext_models import Blocklist, default_blocklist_path
+    from dataprep.prose import iter_articles
+    from dataprep.training_data import profanity_distilled_examples, sentences_of, write_jigsaw
+
+    texts = sentences_of(" ".join(article.paragraphs) for article in iter_articles())[:sentences]
+    bad_words = sorted(Blocklist.load(default_blocklist_path()).words)
+    examples = profanity_distilled_examples(texts, bad_words)
+    write_jigsaw(out, examples)
+    toxic = sum(label == "toxic" for label, _ in examples)
+    typer.echo(f"label-toxicity: {len(examples):,} sentences ({toxic:,} toxic by alt-profanity-check) → {out}")
 
 
 @app.command()

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dataprep.filtering import RULE_PARAMS, Step
 
 
 class ConfigError(ValueError):
@@ -85,6 +87,67 @@ class DedupConfig(_Strict):
     keep: Literal["earliest_crawl", "longest_text", "lowest_id"] = "earliest_crawl"
 
 
+RuleName = Literal["language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "blocklist", "toxicity",
+                   "quality"]
+
+
+class FilterStepConfig(_Strict):
+    """One step of the filter chain: a rule, drop or annotate, and the rule's typed thresholds."""
+
+    rule: RuleName
+    name: str | None = Field(None, description="unique step name (default: the rule); names removed/<name>/")
+    mode: Literal["drop", "annotate"] = "drop"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _typed_params(self) -> FilterStepConfig:
+        try:
+            RULE_PARAMS[self.rule].model_validate(self.params)
+        except ValidationError as error:
+            problems = "; ".join(f"params.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            raise ValueError(f"rule {self.rule!r}: {problems}") from None
+        return self
+
+    def step(self) -> Step:
+        return Step(self.name or self.rule, self.rule, self.mode, RULE_PARAMS[self.rule].model_validate(self.params))
+
+
+DEFAULT_FILTER_STEPS = tuple(FilterStepConfig(rule=rule) for rule in (  # type: ignore[arg-type]
+    "language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "blocklist", "toxicity"))
+
+
+class TrainQualityConfig(_Strict):
+    """Train the fastText quality classifier before filtering (GPT-3 / DCLM style)."""
+
+    positives: list[str] = Field(..., min_length=1, description="JSONL(.gz) or Parquet files with a text field")
+    negatives: list[str] | None = Field(None, description="default: the filter stage's own input documents")
+    output: Path = Field(..., description="where the model goes (an existing file is reused; delete it to retrain)")
+    positive_label: str = "hq"
+    negative_label: str = "cc"
+    max_examples: int = Field(20_000, ge=10, description="per class")
+    holdout: float = Field(0.2, gt=0.0, lt=1.0)
+    epoch: int = Field(25, ge=1)
+    lr: float = Field(1.0, gt=0.0)
+    word_ngrams: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class FilterConfig(_Strict):
+    """The filter stage: an ordered chain of steps over the dedup output."""
+
+    steps: list[FilterStepConfig] = Field(default_factory=lambda: list(DEFAULT_FILTER_STEPS), min_length=1)
+    num_actors: int = Field(2, ge=1, description="filter actors (each loads the models once)")
+    train_quality: TrainQualityConfig | None = None
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FilterConfig:
+        names = [step.name or step.rule for step in self.steps]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"step names must be unique; repeated: {duplicates} (set `name:` on one of them)")
+        return self
+
+
 class RunConfig(_Strict):
     """A whole pipeline run."""
 
@@ -94,6 +157,7 @@ class RunConfig(_Strict):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     ingest: IngestConfig
     dedup: DedupConfig = DedupConfig()
+    filter: FilterConfig = FilterConfig()
 
     @field_validator("name")
     @classmethod
@@ -103,7 +167,7 @@ class RunConfig(_Strict):
         return value
 
 
-STAGES: tuple[str, ...] = ("ingest", "dedup")
+STAGES: tuple[str, ...] = ("ingest", "dedup", "filter")
 
 
 def _is_url(path: str) -> bool:
@@ -115,6 +179,34 @@ def _resolve(base: Path, value: str) -> str:
         return value
     expanded = os.path.expanduser(value)
     return expanded if os.path.isabs(expanded) else str((base / expanded).resolve())
+
+
+def _resolve_filter_paths(base: Path, section: Any) -> Any:
+    """Model, blocklist and training paths in `filter:` resolve against the config's directory."""
+    if not isinstance(section, dict):
+        return section if section is not None else {}
+    section = dict(section)
+    steps = section.get("steps")
+    if isinstance(steps, list):
+        resolved = []
+        for step in steps:
+            params = step.get("params") if isinstance(step, dict) else None
+            if isinstance(params, dict):
+                params = {k: _resolve(base, v) if k in ("model", "path") and isinstance(v, str) else v
+                          for k, v in params.items()}
+                step = {**step, "params": params}
+            resolved.append(step)
+        section["steps"] = resolved
+    training = section.get("train_quality")
+    if isinstance(training, dict):
+        training = dict(training)
+        for key in ("positives", "negatives"):
+            if isinstance(training.get(key), list):
+                training[key] = [_resolve(base, str(p)) for p in training[key]]
+        if isinstance(training.get("output"), str):
+            training["output"] = _resolve(base, training["output"])
+        section["train_quality"] = training
+    return section
 
 
 def _format_errors(source: str, error: ValidationError) -> str:
@@ -136,6 +228,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     ingest = data.get("ingest")
     if isinstance(ingest, dict) and isinstance(ingest.get("inputs"), list):
         data["ingest"] = {**ingest, "inputs": [_resolve(base, str(p)) for p in ingest["inputs"]]}
+    data["filter"] = _resolve_filter_paths(base, data.get("filter"))
     ray = data.get("ray")
     if isinstance(ray, dict) and isinstance(ray.get("temp_dir"), str):
         data["ray"] = {**ray, "temp_dir": _resolve(base, ray["temp_dir"])}

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from flows.config import STAGES, RunConfig
 from flows.dedup import dedup_flow
+from flows.filter import filter_flow
 from flows.ingest import ingest_flow
+from flows.train import train_quality_flow
 
 
 def stages_until(until: str | None) -> tuple[str, ...]:
@@ -30,4 +33,10 @@ def pipeline_flow(config: RunConfig, until: str | None = None) -> dict[str, Any]
     results["ingest"] = ingest_flow(config)
     if "dedup" in selected:
         results["dedup"] = dedup_flow(config, results["ingest"]["path"])
+    if "filter" in selected:
+        upstream = results["dedup"]["path"]
+        training = config.filter.train_quality
+        if training is not None and not training.output.exists():
+            train_quality_flow(training, [str(Path(upstream) / "data")], config.ray)
+        results["filter"] = filter_flow(config, upstream)
     return results

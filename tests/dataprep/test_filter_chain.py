@@ -1,0 +1,181 @@
+"""The filter chain, fastText models and blocklists: real lid.176, the bundled toxicity model, training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dataprep.fasttext_models import (
+    Blocklist,
+    FastTextClassifier,
+    ModelError,
+    default_blocklist_path,
+    default_langid_path,
+    default_toxicity_path,
+    precision_recall,
+    train_supervised,
+    write_training_file,
+)
+from dataprep.filtering import (
+    RULE_PARAMS,
+    LanguageParams,
+    Step,
+    filter_shard,
+    load_resources,
+    merge_shard_stats,
+    pareto_keep,
+    run_chain,
+)
+from dataprep.ingest import IngestSettings, process_record
+from dataprep.readers import open_records
+from dataprep.stage import StageDir
+from dataprep.training_data import chunk_words, read_jigsaw, write_jigsaw
+
+ENGLISH = ("The committee met on Tuesday to discuss the budget for the coming year. Members agreed that the "
+           "library should stay open longer during the winter, and that the park needs new benches. ") * 6
+
+
+def _step(rule: str, mode: str = "drop", **params: object) -> Step:
+    return Step(rule, rule, mode, RULE_PARAMS[rule](**params))  # type: ignore[arg-type]
+
+
+def _crawl_docs(path: Path, fmt: str = "warc") -> list[dict]:
+    rows = []
+    for record in open_records(str(path), fmt):
+        kind, row, _ = process_record(record, IngestSettings())
+        if kind == "doc" and row:
+            rows.append(row)
+    return rows
+
+
+def test_language_id_on_real_multilingual_crawl(crawl_dir: Path) -> None:
+    docs = _crawl_docs(crawl_dir / "cc-2020-34-multilingual.warc.gz")
+    labels, scores = FastTextClassifier.load(default_langid_path()).top([d["text"] for d in docs])
+    by_host = {d["url"].split("/")[2]: (label, score) for d, label, score in zip(docs, labels, scores, strict=True)}
+    assert by_host["01spb.ru"][0] == "ru"
+    assert by_host["0900-hovenier.nl"][0] == "nl"
+    assert by_host["06.live-radsport.ch"][0] == "de"
+    assert by_host["0513mt.com"][0] == "zh" and by_host["003338.cn"][0] == "zh"
+    assert all(0.0 < score <= 1.0 for score in scores)
+
+
+def test_default_chain_on_real_samples(crawl_dir: Path) -> None:
+    """Multilingual adult/gambling spam all goes; most English dolma pages stay (numbers in the README)."""
+    names = ["language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "blocklist", "toxicity"]
+    steps = [_step(name) for name in names]
+    resources = load_resources(steps)
+    spam_hosts = {"044545.com", "0513mt.com", "05925.net", "077678u.info", "096355.com"}
+    multilingual = _crawl_docs(crawl_dir / "cc-2020-34-multilingual.warc.gz")
+    result = run_chain(steps, resources, [d["doc_id"] for d in multilingual], [d["text"] for d in multilingual])
+    spam = [i for i, d in enumerate(multilingual) if d["url"].split("/")[2] in spam_hosts]
+    assert len(spam) == 5 and not result.kept[spam].any()
+    english = [doc for name in ("dolma-sample-0000.warc.gz", "dolma-sample-0001.warc.gz")
+               for doc in _crawl_docs(crawl_dir / name)]
+    result = run_chain(steps, resources, [d["doc_id"] for d in english], [d["text"] for d in english])
+    assert result.language.count("en") == len(english) == 37
+    assert result.kept.sum() >= 22  # 25 of 37 at the time of writing; the drops are nav-heavy pages
+
+
+def test_bundled_toxicity_model_on_clear_cases() -> None:
+    model = FastTextClassifier.load(default_toxicity_path())
+    assert set(model.labels) == {"toxic", "clean"}
+    scores = model.probability(["shut up you fucking idiot, this is shit", ENGLISH], "toxic")
+    assert scores[0] > 0.5 > scores[1]
+    metrics = json.loads(default_toxicity_path().with_name(default_toxicity_path().name + ".json").read_text())
+    assert metrics["held_out"]["precision"] > 0.6 and metrics["held_out"]["recall"] > 0.6
+
+
+def test_blocklist_counts_words_and_removes_lines() -> None:
+    blocklist = Blocklist.load(default_blocklist_path())
+    assert blocklist.hits("What a load of shit, you idiot") == (1, 7)
+    step = _step("blocklist", max_hits=5, max_fraction=0.5)
+    text = "A fine first line about rivers.\nThis line is shit.\nA fine last line."
+    result = run_chain([step], load_resources([step]), ["d"], [text])
+    assert result.kept[0] and result.texts[0] == "A fine first line about rivers.\nA fine last line."
+    assert result.stats["blocklist"].lines_removed == 1
+    dropped = run_chain([_step("blocklist", max_hits=0)], load_resources([_step("blocklist")]), ["d"], [text])
+    assert not dropped.kept[0] and dropped.drop_reason[0] == "blocklist_hits"
+
+
+def test_missing_and_corrupt_models_fail_before_any_document(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        load_resources([_step("language", model=str(tmp_path / "nope.bin"))])
+    corrupt = tmp_path / "corrupt.bin"
+    corrupt.write_bytes(b"\x00not a fasttext model" * 10)
+    with pytest.raises(ModelError, match="language.*not a readable fastText model"):
+        load_resources([_step("language", model=str(corrupt))])
+    with pytest.raises(ModelError, match="not 'hq'"):
+        load_resources([_step("quality", model=str(default_toxicity_path()))])
+
+
+def test_annotate_mode_flags_without_dropping_and_scores_are_columns() -> None:
+    steps = [_step("gopher_quality", mode="annotate"), _step("language", keep=("en", "de"))]
+    result = run_chain(steps, load_resources(steps), ["short", "long", "german"],
+                       ["Too short.", ENGLISH, "Der Ausschuss traf sich am Dienstag, um über den Haushalt zu reden."])
+    assert list(result.kept) == [False, True, True]  # "Too short." is not English enough: dropped by language
+    assert result.flags[1] == [] and result.flags[2] == ["gopher_quality:gopher_short_doc"]
+    assert result.language[1:] == ["en", "de"] and result.drop_step[0] == "language"
+    assert "score_gopher_quality_words" in result.scores and "score_language_score" in result.scores
+    assert result.stats["gopher_quality"].docs_flagged == 2 and result.stats["gopher_quality"].docs_dropped == 0
+
+
+def test_filter_shard_writes_kept_removed_and_resumes(tmp_path: Path) -> None:
+    source = tmp_path / "part-00000-00000.parquet"
+    texts = [ENGLISH, "Menu\nHome", ENGLISH.replace("Tuesday", "Monday")]
+    pq.write_table(pa.table({"doc_id": ["a", "b", "c"], "text": texts, "url": ["u1", "u2", "u3"]}), source)
+    stage = StageDir(tmp_path / "filter-x")
+    stage.prepare()
+    steps = [_step("gopher_quality"), _step("c4")]
+    stats = filter_shard(stage, source, steps, {})
+    kept = pq.read_table(stage.path / "data" / source.name).to_pylist()
+    removed = pq.read_table(stage.path / "removed" / "gopher_quality" / source.name).to_pylist()
+    assert [d["doc_id"] for d in kept] == ["a", "c"] and [d["doc_id"] for d in removed] == ["b"]
+    assert removed[0]["drop_reason"] == "gopher_short_doc" and removed[0]["text"] == "Menu\nHome"
+    assert kept[0]["score_gopher_quality_words"] > 50 and kept[0]["flags"] == []
+    assert filter_shard(stage, source, steps, {}) == stats  # finished units are not redone
+    totals = merge_shard_stats([stats, stats], ["gopher_quality", "c4"])
+    assert totals["records_in"] == 6 and totals["dropped"] == {"gopher_quality": 2}
+
+
+def labelled_examples(count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Two classes over disjoint 1,000-word vocabularies (fastText's trainer hits NaN on tiny vocabularies)."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for i in range(count):
+        label, prefix = ("hq", "river") if i % 2 else ("cc", "casino")
+        examples.append((label, " ".join(f"{prefix}{n}" for n in rng.integers(0, 1000, 12))))
+    return examples
+
+
+def test_train_predict_and_held_out_scores(tmp_path: Path) -> None:
+    examples = labelled_examples(600)
+    write_training_file(tmp_path / "train.txt", examples[:500])
+    train_supervised(tmp_path / "train.txt", tmp_path / "model.bin", False, epoch=10, lr=0.5, seed=0)
+    model = FastTextClassifier.load(tmp_path / "model.bin")
+    labels, _ = model.top(["river1 river2 river3", "casino7 casino8"])
+    assert labels == ["hq", "cc"]
+    scores = precision_recall(model, examples[500:], "hq")
+    assert scores["precision"] > 0.95 and scores["recall"] > 0.95 and scores["examples"] == 100
+
+
+def test_language_params_reject_wrong_types() -> None:
+    with pytest.raises(ValueError, match="min_score"):
+        LanguageParams(min_score="high")  # type: ignore[arg-type]
+
+
+def test_pareto_sampling_is_seeded_by_doc_id() -> None:
+    decisions = [pareto_keep(f"doc-{i}", 0.5, 9.0) for i in range(2000)]
+    assert decisions == [pareto_keep(f"doc-{i}", 0.5, 9.0) for i in range(2000)]
+    assert 0.0 < np.mean(decisions) < 0.1  # P(Lomax(9) > 0.5) = 1.5^-9 ≈ 0.026
+    assert np.mean([pareto_keep(f"doc-{i}", 0.99, 9.0) for i in range(2000)]) > 0.8
+
+
+def test_jigsaw_round_trip_and_chunks(tmp_path: Path) -> None:
+    write_jigsaw(tmp_path / "labels.csv", [("toxic", "bad, words"), ("clean", "fine \"quoted\" text")])
+    assert read_jigsaw(tmp_path / "labels.csv") == [("toxic", "bad, words"), ("clean", "fine \"quoted\" text")]
+    assert chunk_words([" ".join(["w"] * 330)], words=150, min_words=31) == [" ".join(["w"] * 150)] * 2

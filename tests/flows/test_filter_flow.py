@@ -1,0 +1,81 @@
+"""The filter flow and the classifier-training flows in local mode (real Ray, real Prefect test server)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from dataprep.fasttext_models import FastTextClassifier, ModelError
+from dataprep.training_data import write_jigsaw
+from flows.config import RayConfig, TrainQualityConfig, parse_config
+from flows.pipeline import pipeline_flow
+from flows.train import train_quality_flow, train_toxicity_flow
+from tests.dataprep.test_filter_chain import labelled_examples
+
+pytestmark = pytest.mark.integration
+
+
+def _config(tmp_path: Path, crawl_dir: Path, **filter_section: object) -> object:
+    return parse_config({
+        "run_dir": str(tmp_path / "run"),
+        "ray": {"num_cpus": 2},
+        "ingest": {"inputs": [str(crawl_dir / "dolma-sample-000*.warc.gz"),
+                              str(crawl_dir / "cc-2020-34-multilingual.warc.gz")]},
+        "filter": {"num_actors": 2, **filter_section},
+    })
+
+
+def test_filter_stage_end_to_end(crawl_dir: Path, tmp_path: Path, flow_env: None) -> None:
+    config = _config(tmp_path, crawl_dir)
+    results = pipeline_flow(config, "filter")
+    stage = Path(results["filter"]["path"])
+    stats = results["filter"]["stats"]
+    assert stats["records_in"] == results["dedup"]["stats"]["records_out"]
+    kept = pq.read_table(stage / "data").to_pylist()
+    assert len(kept) == stats["records_out"] > 0
+    assert {d["language"] for d in kept} == {"en"}
+    assert all(d["score_toxicity_score"] <= 0.5 for d in kept)
+    removed_total = 0
+    for step, count in stats["dropped"].items():
+        rows = pq.read_table(stage / "removed" / step).to_pylist()
+        assert len(rows) == count and {r["drop_step"] for r in rows} == {step}
+        removed_total += count
+    assert removed_total + len(kept) == stats["records_in"]
+    assert stats["dropped"]["language"] >= 14  # the zh/ru/de/nl pages of the multilingual sample
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert [step["name"] for step in manifest["stats"]["steps"]] == [s.rule for s in config.filter.steps]
+    assert (stage / "funnel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = pipeline_flow(config, "filter")
+    assert again["filter"]["skipped"] and again["filter"]["path"] == str(stage)
+
+
+def test_missing_model_fails_before_any_document(crawl_dir: Path, tmp_path: Path, flow_env: None) -> None:
+    config = _config(tmp_path, crawl_dir, steps=[{"rule": "quality", "params": {"model": str(tmp_path / "q.bin")}}])
+    with pytest.raises(ModelError, match="quality.*does not exist"):
+        pipeline_flow(config, "filter")
+    assert not list((tmp_path / "run").glob("filter-*"))
+
+
+def test_train_toxicity_and_quality_flows(tmp_path: Path, flow_env: None) -> None:
+    examples = [("toxic" if label == "cc" else "clean", text) for label, text in labelled_examples(600)]
+    write_jigsaw(tmp_path / "labels.csv", examples)
+    ray_config = RayConfig(num_cpus=2)
+    metrics = train_toxicity_flow(tmp_path / "labels.csv", tmp_path / "tox.ftz", ray_config, 0.2, 10, 0, False)
+    assert metrics["held_out"]["precision"] > 0.9 and metrics["held_out"]["recall"] > 0.9
+    model = FastTextClassifier.load(tmp_path / "tox.ftz")
+    assert model.probability(["casino1 casino2 casino3"], "toxic")[0] > 0.5
+    assert json.loads((tmp_path / "tox.ftz.json").read_text())["train_examples"] == 480
+
+    positives, negatives = tmp_path / "ref.jsonl.gz", tmp_path / "crawl.jsonl"
+    texts = labelled_examples(400, seed=1)
+    with gzip.open(positives, "wt") as handle:
+        handle.writelines(json.dumps({"text": t * 3}) + "\n" for label, t in texts if label == "hq")
+    negatives.write_text("".join(json.dumps({"text": t * 3}) + "\n" for label, t in texts if label == "cc"))
+    training = TrainQualityConfig(positives=[str(positives)], output=tmp_path / "quality.bin")
+    metrics = train_quality_flow(training, [str(negatives)], ray_config)
+    assert metrics["held_out"]["accuracy"] > 0.9
+    assert FastTextClassifier.load(tmp_path / "quality.bin").top(["river3 river4 river5"])[0] == ["hq"]
