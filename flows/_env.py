@@ -29,4 +29,6 @@ def apply_defaults() -> None:
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(forgeline_home() / "prefect"))
-    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MPLCONFIGDIR", str(forgeline_home() / "matplotlib"))  # its font cache, not ~/.cache
+    for key in ("PREFECT_HOME", "MPLCONFIGDIR"):
+        Path(os.environ[key]).expanduser().mkdir(parents=True, exist_ok=True)

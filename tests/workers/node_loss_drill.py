@@ -52,12 +52,16 @@ def main(folder: str) -> None:
     deadline = time.time() + 60
     while not list((disturbed_root / "work" / "sig").glob("*.parquet")) and time.time() < deadline:
         time.sleep(0.01)
+    running = thread.is_alive()
+    kept_shards = len(list((disturbed_root / "out").glob("*.parquet")))
     cluster.remove_node(workers[0])
     removed_after = len(list((disturbed_root / "work" / "sig").glob("*.parquet")))
     thread.join(timeout=300)
     print(json.dumps({
         "same": result.get("value") == reference,
         "removed_after_sig_shards": removed_after,
+        "running_at_removal": running,
+        "kept_shards_at_removal": kept_shards,
         "sig_shards": len(sources),
         "duplicates": len(reference[0]),
         "alive_nodes": len([n for n in ray.nodes() if n["Alive"]]),

@@ -17,6 +17,9 @@ def test_worker_node_removed_mid_stage(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(drill), str(tmp_path)], capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["removed_after_sig_shards"] < report["sig_shards"], "the node died while the stage was running"
+    # The node dies while the stage runs: signatures can all be done by then (they take ~0.1 s), but no kept
+    # shard is written until bucketing, verification and components are over.
+    assert report["running_at_removal"], "the node died while the stage was running"
+    assert report["kept_shards_at_removal"] < report["sig_shards"]
     assert report["alive_nodes"] == 2 and report["duplicates"] == 120
     assert report["same"], "output after losing a node equals the undisturbed run"
