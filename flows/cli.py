@@ -63,7 +63,17 @@ def _report(results: dict[str, Any]) -> None:
         )
         if "clusters" in stats:
             typer.echo(f"  clusters {stats['clusters']:,}, largest {stats['largest_cluster']:,}")
-        if "steps" in stats:
+        if "train_windows" in stats:
+            typer.echo(f"  {stats['train_tokens']:,} train + {stats['val_tokens']:,} held-out tokens → "
+                       f"{stats['train_windows']:,} + {stats['val_windows']:,} windows of {stats['seq_len']}; "
+                       f"vocab {stats['vocab_size']:,}; unigram held-out loss {stats['unigram_val_loss']}")
+        if "final_loss" in stats:
+            typer.echo(f"  {stats['parameters']:,} parameters, {stats['steps']} steps, {stats['tokens']:,} tokens; "
+                       f"loss {stats['final_loss']}, held-out {stats['final_val_loss']} (unigram baseline "
+                       f"{stats['unigram_val_loss']}); {stats['tokens_per_s']:,.0f} tokens/s")
+            typer.echo(f"  checkpoints: {result['path']}/checkpoints; HF model: {result['path']}/hf; "
+                       f"curve: {result['path']}/loss.png")
+        if "steps" in stats and isinstance(stats["steps"], list):
             from dataprep.funnel import funnel_markdown
 
             typer.echo(f"  funnel ({result['path']}/funnel.png; removed documents in removed/<step>/):")
@@ -111,6 +121,51 @@ def filter_command(config: ConfigArg, address: AddressOpt = None, local: LocalOp
 
     cfg = _load(config, address, local)
     _report(_run(pipeline_flow, cfg, "filter"))
+
+
+@app.command()
+def tokenize(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = False) -> None:
+    """Train the BPE tokenizer and pack token windows (runs earlier stages if needed)."""
+    from flows.pipeline import pipeline_flow
+
+    cfg = _load(config, address, local)
+    _report(_run(pipeline_flow, cfg, "tokenize"))
+
+
+@app.command()
+def pretrain(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = False) -> None:
+    """Pretrain the model with FSDP2 on Ray Train; resumes from the latest checkpoint (runs earlier stages)."""
+    from flows.pipeline import pipeline_flow
+
+    cfg = _load(config, address, local)
+    _report(_run(pipeline_flow, cfg, "pretrain"))
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option(help="preset: tiny, small, 125m, 350m, 760m, 1b")] = "1b",
+    gpus: Annotated[int, typer.Option(min=1)] = 8,
+    dtype: Annotated[str, typer.Option(help="bf16 or fp32")] = "bf16",
+    gpu: Annotated[str, typer.Option(help="H100, H200, A100, L40S, L4, A10G, A10, V100")] = "H100",
+    micro_batch: Annotated[int, typer.Option(min=1)] = 8,
+    seq_len: Annotated[int | None, typer.Option(help="default: the preset's context")] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="default: the preset's")] = None,
+    mfu: Annotated[float, typer.Option(min=0.01, max=1.0)] = 0.4,
+    tokens: Annotated[float | None, typer.Option(help="training tokens (default: 20 per parameter)")] = None,
+    activation_checkpointing: Annotated[bool, typer.Option()] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+) -> None:
+    """Memory per GPU (with and without FSDP), Chinchilla tokens, 6·N·D FLOPs and time at an MFU."""
+    from workers.model import model_config
+    from workers.planner import PlanInputs, format_plan
+    from workers.planner import plan as make_plan
+
+    if dtype not in ("bf16", "fp32"):
+        raise typer.BadParameter("--dtype: bf16 or fp32")
+    config = _run(model_config, model, vocab_size=vocab_size)
+    result = _run(make_plan, PlanInputs(config, gpus, dtype, micro_batch, seq_len, activation_checkpointing, gpu,
+                                        mfu, tokens))
+    typer.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
 
 
 @app.command(name="train-quality")

@@ -148,6 +148,78 @@ class FilterConfig(_Strict):
         return self
 
 
+class TokenizeConfig(_Strict):
+    """The tokenize stage: train (or load) a byte-level BPE, pack fixed windows with end-of-text separators."""
+
+    tokenizer: Path | None = Field(None, description="an existing tokenizer.json (or its directory); null = train")
+    vocab_size: int = Field(8192, ge=257, le=2**31, description="BPE vocabulary incl. 256 bytes + end-of-text")
+    min_frequency: int = Field(2, ge=1)
+    eot_token: str = Field("<|endoftext|>", min_length=1)
+    seq_len: int = Field(256, ge=2, description="tokens per training window (windows hold seq_len + 1)")
+    holdout: float = Field(0.02, gt=0.0, lt=0.5, description="fraction of documents held out (by doc id hash)")
+    windows_per_shard: int = Field(4096, ge=1)
+
+
+class ModelSection(_Strict):
+    """A preset (tiny, small, 125m, 350m, 760m, 1b) with optional overrides; vocab comes from the tokenizer."""
+
+    preset: str = "tiny"
+    dim: int | None = Field(None, ge=8)
+    n_layers: int | None = Field(None, ge=1)
+    n_heads: int | None = Field(None, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1)
+    ffn_dim: int | None = Field(None, ge=8)
+    max_seq_len: int | None = Field(None, ge=2)
+    rope_theta: float | None = Field(None, gt=0)
+    tie_embeddings: bool | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from workers.model import PRESETS
+
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
+        return value
+
+
+class PretrainConfig(_Strict):
+    """The pretrain stage: FSDP2 training on Ray Train with sharded checkpoints and exact resume."""
+
+    model: ModelSection = ModelSection()
+    steps: int = Field(300, ge=1)
+    micro_batch: int = Field(8, ge=1, description="windows per worker per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(20, ge=1)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = Field(0, ge=0)
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    activation_checkpointing: bool = False
+    compile: bool = False
+    eval_every: int = Field(50, ge=1)
+    eval_windows: int = Field(64, ge=1)
+    # operational: not part of the stage hash (a run may resume with other values)
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU with use_gpu)")
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    max_failures: int = Field(2, ge=0, description="Ray Train restarts from the latest checkpoint")
+    checkpoint_every: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is larger than lr {self.lr}")
+        if self.precision == "bf16" and not self.use_gpu:
+            raise ValueError("precision bf16 needs use_gpu: true (CPU training runs in fp32)")
+        return self
+
+
 class RunConfig(_Strict):
     """A whole pipeline run."""
 
@@ -158,6 +230,8 @@ class RunConfig(_Strict):
     ingest: IngestConfig
     dedup: DedupConfig = DedupConfig()
     filter: FilterConfig = FilterConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
     @field_validator("name")
     @classmethod
@@ -167,7 +241,7 @@ class RunConfig(_Strict):
         return value
 
 
-STAGES: tuple[str, ...] = ("ingest", "dedup", "filter")
+STAGES: tuple[str, ...] = ("ingest", "dedup", "filter", "tokenize", "pretrain")
 
 
 def _is_url(path: str) -> bool:
@@ -229,6 +303,9 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     if isinstance(ingest, dict) and isinstance(ingest.get("inputs"), list):
         data["ingest"] = {**ingest, "inputs": [_resolve(base, str(p)) for p in ingest["inputs"]]}
     data["filter"] = _resolve_filter_paths(base, data.get("filter"))
+    tokenize = data.get("tokenize")
+    if isinstance(tokenize, dict) and isinstance(tokenize.get("tokenizer"), str):
+        data["tokenize"] = {**tokenize, "tokenizer": _resolve(base, tokenize["tokenizer"])}
     ray = data.get("ray")
     if isinstance(ray, dict) and isinstance(ray.get("temp_dir"), str):
         data["ray"] = {**ray, "temp_dir": _resolve(base, ray["temp_dir"])}

@@ -11,6 +11,8 @@ from flows.config import STAGES, RunConfig
 from flows.dedup import dedup_flow
 from flows.filter import filter_flow
 from flows.ingest import ingest_flow
+from flows.pretrain import pretrain_flow
+from flows.tokenize import tokenize_flow
 from flows.train import train_quality_flow
 
 
@@ -39,4 +41,8 @@ def pipeline_flow(config: RunConfig, until: str | None = None) -> dict[str, Any]
         if training is not None and not training.output.exists():
             train_quality_flow(training, [str(Path(upstream) / "data")], config.ray)
         results["filter"] = filter_flow(config, upstream)
+    if "tokenize" in selected:
+        results["tokenize"] = tokenize_flow(config, results["filter"]["path"])
+    if "pretrain" in selected:
+        results["pretrain"] = pretrain_flow(config, results["tokenize"]["path"])
     return results

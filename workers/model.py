@@ -1,0 +1,255 @@
+"""Decoder-only transformer: RoPE, RMSNorm, SwiGLU, grouped-query attention, PyTorch SDPA.
+
+Module and parameter names follow Hugging Face's `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`, ...)
+and RoPE uses the same half-rotation layout, so the HF export (`workers.export`) is a rename-free copy.
+`forward` takes an optional `KVCache` for incremental decoding (used by `serving/`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the model. `vocab_size` comes from the tokenizer at training time."""
+
+    vocab_size: int = 4096
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 384
+    max_seq_len: int = 256
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim {self.dim} is not divisible by model.n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads {self.n_heads} is not divisible by model.n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("model head dimension (dim / n_heads) must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Presets: `tiny` trains on 2 CPU cores in minutes; the rest follow GPT-3/Llama shapes (SwiGLU width ≈ 8/3·dim).
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=256),
+    "small": ModelConfig(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=512),
+    "125m": ModelConfig(vocab_size=50_304, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048,
+                        max_seq_len=1024),
+    "350m": ModelConfig(vocab_size=50_304, dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, ffn_dim=2816,
+                        max_seq_len=2048),
+    "760m": ModelConfig(vocab_size=50_304, dim=1536, n_layers=24, n_heads=16, n_kv_heads=8, ffn_dim=4096,
+                        max_seq_len=2048),
+    "1b": ModelConfig(vocab_size=50_304, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+                      max_seq_len=2048, rope_theta=500_000.0, tie_embeddings=True),
+}
+
+
+def model_config(preset: str, **overrides: Any) -> ModelConfig:
+    """A preset with fields replaced (None values ignored)."""
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32 (as Llama does), scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (T, head_dim) for the half-rotation layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+                                / head_dim))
+    freqs = torch.outer(positions.float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (T, D)."""
+    return (x * cos.to(x.dtype)) + (rotate_half(x) * sin.to(x.dtype))
+
+
+class KVCache:
+    """Per-layer key/value tensors of shape (B, kv_heads, T_max, head_dim), filled up to `length`."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reorder(self, beam_index: torch.Tensor) -> None:
+        """Keep rows `beam_index` (beam search)."""
+        self.keys = [k.index_select(0, beam_index) for k in self.keys]
+        self.values = [v.index_select(0, beam_index) for v in self.values]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv, self.head_dim = layer, config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer, k, v)
+        if past == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        else:  # new queries see every cached position and the causal part of their own block
+            mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+                ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    """Embedding, blocks and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+
+
+class Transformer(nn.Module):
+    """The language model. `forward(tokens)` → logits (B, T, V); with `targets` → mean cross-entropy."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.activation_checkpointing = False
+
+    def init_weights(self, seed: int) -> None:
+        """Normal(0, init_std) weights, residual output projections scaled by 1/sqrt(2·layers), norms at 1."""
+        generator = torch.Generator().manual_seed(seed)
+        residual_std = self.config.init_std / math.sqrt(2 * self.config.n_layers)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                    continue
+                std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else self.config.init_std
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                ) -> torch.Tensor:
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        if start + tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + tokens.shape[1]} tokens exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        cos, sin = rope_tables(self.config.head_dim, positions, self.config.rope_theta)
+        x = self.model.embed_tokens(tokens)
+        for block in self.model.layers:
+            if self.activation_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        logits = self.lm_head(self.model.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def parameter_count(config: ModelConfig) -> dict[str, int]:
+    """Total parameters, and the non-embedding part used in 6·N FLOPs (input embedding excluded)."""
+    attn = config.dim * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads)
+    mlp = 3 * config.dim * config.ffn_dim
+    per_layer = attn + mlp + 2 * config.dim
+    embedding = config.vocab_size * config.dim
+    head = 0 if config.tie_embeddings else config.vocab_size * config.dim
+    total = embedding + head + config.n_layers * per_layer + config.dim
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding + (embedding if
+            config.tie_embeddings else 0)}
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N (matmuls, forward + backward) + 12·layers·dim·seq_len (attention scores)."""
+    return 6 * parameter_count(config)["non_embedding"] + 12 * config.n_layers * config.dim * seq_len

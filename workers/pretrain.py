@@ -1,0 +1,353 @@
+"""The pretraining loop: one function that runs the same under `torchrun` and under Ray Train's TorchTrainer.
+
+- Process group: Ray Train sets it up (gloo on CPU, NCCL on GPU); under `torchrun` (`python -m
+  workers.pretrain SPEC.json`) it is initialised from the environment; a plain single process gets a
+  one-rank gloo group, so FSDP2 is always on.
+- Model: built and initialised on CPU from the seed (identical at any world size), `fully_shard` per block
+  and at the root, with `MixedPrecisionPolicy(bf16 params, fp32 reduce)` when `precision` is bf16 (GPU).
+  Optional activation checkpointing and `torch.compile` per block.
+- Data: the packed windows of `dataprep.packing`; the global batch of step `s` is a fixed slice of seeded
+  per-epoch permutations, so the data position is the step itself and any world size sees the same batches.
+- AdamW (weight decay on matrices only), linear warm-up + cosine decay, gradient clipping, accumulation
+  (gradient sync only on the last micro-batch).
+- Checkpoints (`workers.checkpoint`) every `checkpoint_every` steps and at the end; a run resumes from its
+  latest complete checkpoint, restoring RNG states, so a killed run continues bit-identically on CPU.
+- Metrics (rank 0): `metrics.jsonl` with loss, lr, grad norm, tokens/s, MFU (GPU only), peak memory, and
+  periodic held-out loss; a progress line with an ETA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from dataprep.packing import TokenWindows, read_index
+from dataprep.shards import atomic_write_bytes
+from workers.checkpoint import check_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.model import ModelConfig, Transformer, flops_per_token, parameter_count
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+# Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets); MFU is not reported for other devices.
+PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                   "A10G": 70e12, "A10": 125e12, "V100": 125e12}
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything one training run needs; a plain-JSON dict travels to every worker."""
+
+    model: dict[str, Any]
+    data_dir: str
+    out_dir: str
+    steps: int
+    micro_batch: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "fp32"  # "bf16" (GPU) or "fp32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    eval_every: int = 50
+    eval_windows: int = 64
+    log_every: int = 10
+    threads: int = 1
+    use_gpu: bool = False
+    fault_step: int | None = None  # failure drill: the last rank SIGKILLs itself after this step (once)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainSpec:
+        return cls(**{**data, "betas": tuple(data.get("betas", (0.9, 0.95)))})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Reporter(Protocol):
+    def __call__(self, metrics: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Context:
+    rank: int
+    world: int
+    device: torch.device
+
+
+def setup_distributed(spec: TrainSpec) -> Context:
+    """Use the process group Ray Train or torchrun made, or a one-rank gloo group for a plain process."""
+    use_cuda = spec.use_gpu and torch.cuda.is_available()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(spec.threads)
+    return Context(dist.get_rank(), dist.get_world_size(), device)
+
+
+def build_model(config: ModelConfig, spec: TrainSpec, device: torch.device) -> Transformer:
+    """Initialise on CPU from the seed, move, then shard each block and the root with FSDP2."""
+    model = Transformer(config)
+    model.init_weights(spec.seed)
+    model.activation_checkpointing = spec.activation_checkpointing
+    model.to(device)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if spec.precision == "bf16" else MixedPrecisionPolicy()
+    for block in model.model.layers:
+        if spec.compile:
+            block.compile()
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, spec: TrainSpec) -> tuple[torch.optim.Optimizer, Any]:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr, betas=spec.betas, eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
+    return optimizer, scheduler
+
+
+def lr_factor(step: int, spec: TrainSpec) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at the last step."""
+    if step < spec.warmup_steps:
+        return (step + 1) / spec.warmup_steps
+    progress = min(1.0, (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps))
+    floor = spec.min_lr / spec.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class BatchPlan:
+    """Window positions of every step: consecutive slices of seeded per-epoch permutations."""
+
+    def __init__(self, windows: int, global_batch: int, seed: int) -> None:
+        if windows == 0:
+            raise ValueError("no training windows: the corpus is shorter than one window (seq_len + 1 tokens)")
+        self.windows, self.global_batch, self.seed = windows, global_batch, seed
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._epochs:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epochs = {epoch: torch.randperm(self.windows, generator=generator).numpy()}
+        return self._epochs[epoch]
+
+    def step_positions(self, step: int) -> np.ndarray:
+        flat = np.arange(step * self.global_batch, (step + 1) * self.global_batch)
+        return np.array([self._permutation(int(i // self.windows))[int(i % self.windows)] for i in flat])
+
+    def rank_micro_batches(self, step: int, rank: int, world: int, micro: int, accum: int) -> list[np.ndarray]:
+        positions = self.step_positions(step)
+        return [positions[(m * world + rank) * micro:(m * world + rank + 1) * micro] for m in range(accum)]
+
+
+def _tensors(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = torch.from_numpy(windows).to(device, non_blocking=True)
+    return batch[:, :-1], batch[:, 1:]
+
+
+def evaluate(model: Transformer, val: TokenWindows, count: int, ctx: Context, micro: int) -> float:
+    """Mean held-out cross-entropy over the first `count` windows (every rank runs the same number of batches)."""
+    if len(val) == 0:
+        return math.nan
+    positions = np.arange(min(count, len(val)))[ctx.rank::ctx.world]
+    per_rank = math.ceil(min(count, len(val)) / ctx.world)
+    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, per_rank, micro):
+            chunk = positions[start:start + micro]
+            weight = 1.0 if len(chunk) else 0.0
+            chunk = chunk if len(chunk) else np.array([0])  # collectives need the same calls on every rank
+            inputs, targets = _tensors(val.batch(chunk), ctx.device)
+            loss = model(inputs, targets)
+            totals += torch.tensor([loss.item() * len(chunk) * weight, len(chunk) * weight],
+                                   dtype=torch.float64, device=ctx.device)
+    model.train()
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1])
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def _progress(step: int, total: int, started: float, first: int) -> str:
+    done = (step - first) / max(1, total - first)
+    bar = "#" * int(20 * step / total) + "." * (20 - int(20 * step / total))
+    elapsed = time.time() - started
+    eta = elapsed / done * (1 - done) if done > 0 else 0.0
+    return f"[{bar}] {step}/{total} eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """On resume: drop metric lines past the checkpoint, so the file reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+def _validate(spec: TrainSpec, config: ModelConfig) -> dict[str, Any]:
+    index = read_index(Path(spec.data_dir))
+    if index["seq_len"] > config.max_seq_len:
+        raise ValueError(f"packed seq_len {index['seq_len']} exceeds the model's context model.max_seq_len "
+                         f"{config.max_seq_len}")
+    if index["vocab_size"] > config.vocab_size:
+        raise ValueError(f"tokenizer vocabulary {index['vocab_size']} exceeds model.vocab_size {config.vocab_size}")
+    return index
+
+
+def _fault(spec: TrainSpec, step: int, ctx: Context) -> None:
+    """Failure drill: the last rank SIGKILLs itself once, after finishing `fault_step`."""
+    if spec.fault_step != step or ctx.rank != ctx.world - 1:
+        return
+    marker = Path(spec.out_dir) / f".fault-step-{step}"
+    if marker.exists():
+        return
+    marker.write_text("fired\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train(spec: TrainSpec, report: Reporter | None = None) -> dict[str, Any]:
+    """Run (or resume) training to `spec.steps`; returns the last metrics on rank 0."""
+    ctx = setup_distributed(spec)
+    config = ModelConfig(**spec.model)
+    index = _validate(spec, config)
+    out = Path(spec.out_dir)
+    ckpt_root = out / CHECKPOINTS_DIR
+    train_data, val_data = TokenWindows(Path(spec.data_dir), "train"), TokenWindows(Path(spec.data_dir), "val")
+    seq_len = int(index["seq_len"])
+    plan = BatchPlan(len(train_data), spec.micro_batch * spec.grad_accum * ctx.world, spec.seed)
+    model = build_model(config, spec, ctx.device)
+    optimizer, scheduler = build_optimizer(model, spec)
+    start = 0
+    resume_from = latest_checkpoint(ckpt_root)
+    if resume_from is not None:
+        check_compatible(resume_from, config.to_dict())
+        state = load_checkpoint(resume_from, model, optimizer, restore_rng=True)
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+    metrics_path = out / METRICS_FILE
+    if ctx.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _keep_metrics_until(metrics_path, start)
+        counts = parameter_count(config)
+        print(f"model: {counts['total']:,} parameters ({counts['non_embedding']:,} in matmuls); world {ctx.world} "
+              f"on {ctx.device.type}; {'resuming from ' + str(resume_from) if resume_from else 'from scratch'}",
+              flush=True)
+    tokens_per_step = plan.global_batch * seq_len
+    flops = flops_per_token(config, seq_len)
+    peak = peak_flops(ctx.device, spec.precision)
+    autocast_dtype = torch.bfloat16 if spec.precision == "bf16" else None
+    started, last = time.time(), {}
+    for step in range(start, spec.steps):
+        tick = time.time()
+        micro_batches = plan.rank_micro_batches(step, ctx.rank, ctx.world, spec.micro_batch, spec.grad_accum)
+        loss_sum = torch.zeros((), device=ctx.device)
+        for m, positions in enumerate(micro_batches):
+            model.set_requires_gradient_sync(m == len(micro_batches) - 1)
+            inputs, targets = _tensors(train_data.batch(positions), ctx.device)
+            with torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = model(inputs, targets)
+            (loss / spec.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
+        loss_sum /= ctx.world
+        done = step + 1
+        seconds = time.time() - tick
+        row: dict[str, Any] = {
+            "step": done, "loss": float(loss_sum) / spec.grad_accum, "lr": lr, "grad_norm": float(grad_norm),
+            "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_step / seconds,
+            "step_seconds": seconds, "peak_memory_mb": peak_memory_bytes(ctx.device) / 2**20,
+        }
+        if peak is not None:
+            row["mfu"] = flops * tokens_per_step / ctx.world / seconds / peak
+        if done % spec.eval_every == 0 or done == spec.steps:
+            row["val_loss"] = evaluate(model, val_data, spec.eval_windows, ctx, spec.micro_batch)
+        checkpointing = done % spec.checkpoint_every == 0 or done == spec.steps
+        if checkpointing:
+            save_checkpoint(ckpt_root, done, model, optimizer,
+                            {"scheduler": scheduler.state_dict(), "data_position": done, "model": config.to_dict(),
+                             "world_size": ctx.world, "seed": spec.seed, "spec": spec.to_dict(),
+                             "metrics": row}, spec.keep_last)
+        if ctx.rank == 0:
+            with open(metrics_path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            if done % spec.log_every == 0 or done == spec.steps or "val_loss" in row:
+                val = f" val {row['val_loss']:.4f}" if "val_loss" in row else ""
+                print(f"{_progress(done, spec.steps, started, start)} loss {row['loss']:.4f}{val} lr {lr:.2e} "
+                      f"{row['tokens_per_s']:,.0f} tok/s", flush=True)
+        if report is not None and ("val_loss" in row or checkpointing):
+            report(row)
+        last = row
+        _fault(spec, done, ctx)
+    return last
+
+
+def ray_train_loop(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker` for `ray.train.torch.TorchTrainer`: reports metrics at evals/checkpoints."""
+    import ray.train
+
+    train(TrainSpec.from_dict(config), report=lambda metrics: ray.train.report(metrics))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """torchrun entry: `torchrun --nproc-per-node N -m workers.pretrain SPEC.json`."""
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        raise SystemExit("usage: python -m workers.pretrain SPEC.json")
+    train(TrainSpec.from_dict(json.loads(Path(args[0]).read_text())))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
