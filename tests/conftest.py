@@ -83,3 +83,33 @@ def html_page(title: str, paragraphs: list[str], charset: str = "utf-8") -> str:
     from dataprep.sample import render_page
 
     return render_page(title, paragraphs, ["alpha", "beta"], charset=charset)
+
+
+def write_corpus_stage(directory: Path, documents: list[tuple[str, str]], shard_rows: int = 40) -> Path:
+    """A complete upstream stage (like filter's output): data/part-*.parquet with doc_id and text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dataprep.stage import StageDir
+
+    stage = StageDir(directory)
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    for shard, start in enumerate(range(0, max(1, len(documents)), shard_rows)):
+        rows = documents[start:start + shard_rows]
+        table = pa.table({"doc_id": [d for d, _ in rows], "text": [t for _, t in rows]},
+                         schema=pa.schema([("doc_id", pa.string()), ("text", pa.string())]))
+        pq.write_table(table, directory / "data" / f"part-00000-{shard:05d}.parquet")
+    stage.publish({"stage": "filter", "name": directory.name, "stats": {}})
+    return directory
+
+
+def reference_documents(limit: int = 120) -> list[tuple[str, str]]:
+    """Real English prose shipped with CPython (the language reference topics), as (doc_id, text)."""
+    from dataprep.prose import reference_articles
+
+    articles = []
+    for article in reference_articles(set()):
+        articles.append((f"ref-{len(articles):04d}", article.title + "\n\n" + "\n\n".join(article.paragraphs)))
+        if len(articles) == limit:
+            break
+    return articles

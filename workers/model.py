@@ -52,8 +52,8 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=256),
     "small": ModelConfig(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=512),
-    "125m": ModelConfig(vocab_size=50_304, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048,
-                        max_seq_len=1024),
+    "125m": ModelConfig(vocab_size=50_304, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048,
+                        max_seq_len=1024, tie_embeddings=True),  # GPT-2 small's size (llm.c's MFU reference)
     "350m": ModelConfig(vocab_size=50_304, dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, ffn_dim=2816,
                         max_seq_len=2048),
     "760m": ModelConfig(vocab_size=50_304, dim=1536, n_layers=24, n_heads=16, n_kv_heads=8, ffn_dim=4096,

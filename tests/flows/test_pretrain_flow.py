@@ -1,0 +1,147 @@
+"""tokenize + pretrain on real Ray Train (2 workers, FSDP2 over gloo) and a real Prefect server.
+
+One undisturbed run is shared by the module; a second run loses a worker to SIGKILL mid-training and must
+log the same losses at every step; the torchrun launch of the same spec must log them too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dataprep.curves import read_metrics
+from flows.config import RunConfig, parse_config
+from tests.conftest import REPO_ROOT, reference_documents, write_corpus_stage
+
+pytestmark = pytest.mark.integration
+COMPARED = ("loss", "grad_norm", "lr", "val_loss")
+
+
+def make_config(run_dir: Path, **pretrain: Any) -> RunConfig:
+    return parse_config({
+        "name": "pretrain-test", "run_dir": str(run_dir), "ray": {"num_cpus": 2},
+        "ingest": {"inputs": ["unused.jsonl"]},
+        "tokenize": {"vocab_size": 512, "seq_len": 32, "holdout": 0.1, "windows_per_shard": 50},
+        "pretrain": {"model": {"preset": "tiny", "dim": 64, "n_layers": 2, "ffn_dim": 160, "max_seq_len": 64},
+                     "steps": 24, "micro_batch": 4, "lr": 5e-3, "warmup_steps": 4, "num_workers": 2,
+                     "checkpoint_every": 8, "eval_every": 8, "eval_windows": 16, "keep_last": 2,
+                     "max_failures": 1, **pretrain},
+    })
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus_stage(tmp_path_factory.mktemp("corpus") / "filter-test", reference_documents(120))
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory, prefect_server: None,
+                  ray_local: None) -> dict[str, Any]:
+    from flows.pretrain import pretrain_flow
+    from flows.tokenize import tokenize_flow
+
+    config = make_config(tmp_path_factory.mktemp("run"))
+    tokens = tokenize_flow(config, str(corpus))
+    trained = pretrain_flow(config, tokens["path"])
+    return {"config": config, "tokens": tokens, "trained": trained}
+
+
+def test_tokenize_counts_add_up(reference_run: dict[str, Any]) -> None:
+    stats = reference_run["tokens"]["stats"]
+    index = json.loads((Path(reference_run["tokens"]["path"]) / "tokens" / "index.json").read_text())
+    assert stats["records_in"] == len(reference_documents(120)) > 50 and stats["vocab_size"] == 512
+    for split in ("train", "val"):
+        part = index["splits"][split]
+        assert part["documents"] + part["document_tokens"] == part["stream_tokens"]
+        assert part["stream_tokens"] == part["windows"] * 33 + part["tail_tokens"]
+    assert index["splits"]["val"]["documents"] > 0 and stats["val_windows"] > 0
+
+
+def test_pretrain_learns_checkpoints_and_exports(reference_run: dict[str, Any]) -> None:
+    stage = Path(reference_run["trained"]["path"])
+    stats = reference_run["trained"]["stats"]
+    rows = read_metrics(stage / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert sum(r["loss"] for r in rows[-4:]) / 4 < rows[0]["loss"] - 0.5, "loss decreases"
+    assert stats["final_val_loss"] < stats["unigram_val_loss"]
+    checkpoints = sorted(p.name for p in (stage / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000016", "step-00000024"]  # keep_last 2
+    shards = list((stage / "checkpoints" / "step-00000024").glob("*.distcp"))
+    assert len(shards) == 2, "one DCP shard file per rank"
+    assert (stage / "loss.png").stat().st_size > 1000
+    assert {p.name for p in (stage / "hf").iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json"}
+
+
+def test_checkpoint_events_reach_prefect(reference_run: dict[str, Any]) -> None:
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    stage_name = Path(reference_run["trained"]["path"]).name
+    deadline, steps = time.time() + 30, set()
+    while time.time() < deadline and steps != {8, 16, 24}:
+        with get_client(sync_client=True) as client:
+            page = client.read_events(EventFilter(event=EventNameFilter(name=["forgeline.checkpoint.saved"])), limit=50)
+        steps = {e.payload["step"] for e in page.events if e.payload.get("stage") == stage_name}
+        time.sleep(0.5)
+    assert steps == {8, 16, 24}
+
+
+def test_rerun_of_a_complete_stage_is_skipped(reference_run: dict[str, Any]) -> None:
+    from flows.pretrain import pretrain_flow
+
+    again = pretrain_flow(reference_run["config"], reference_run["tokens"]["path"])
+    assert again["skipped"] and again["path"] == reference_run["trained"]["path"]
+
+
+def test_worker_killed_mid_training_resumes_bit_identically(reference_run: dict[str, Any], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.pretrain import pretrain_flow
+
+    config = make_config(tmp_path / "run")
+    monkeypatch.setenv("FORGELINE_INJECT_FAULT", "pretrain:13:kill")  # rank 1 SIGKILLs itself after step 13
+    result = pretrain_flow(config, reference_run["tokens"]["path"])
+    stage = Path(result["path"])
+    assert (stage / ".fault-step-13").is_file(), "the worker was killed"
+    expected = read_metrics(Path(reference_run["trained"]["path"]) / "metrics.jsonl")
+    resumed = read_metrics(stage / "metrics.jsonl")
+    assert [[r.get(k) for k in COMPARED] for r in resumed] == [[r.get(k) for k in COMPARED] for r in expected]
+
+
+def test_torchrun_gives_the_same_losses_as_ray_train(reference_run: dict[str, Any], tmp_path: Path) -> None:
+    state = json.loads(sorted((Path(reference_run["trained"]["path"]) / "checkpoints").iterdir())[-1]
+                       .joinpath("train_state.json").read_text())
+    spec = {**state["spec"], "out_dir": str(tmp_path / "torchrun"), "fault_step": None}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", "29517", "-m", "workers.pretrain",
+                           str(tmp_path / "spec.json")], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = read_metrics(Path(reference_run["trained"]["path"]) / "metrics.jsonl")
+    got = read_metrics(tmp_path / "torchrun" / "metrics.jsonl")
+    assert [[r.get(k) for k in COMPARED] for r in got] == [[r.get(k) for k in COMPARED] for r in expected]
+
+
+def test_bad_inputs_fail_before_training(reference_run: dict[str, Any], corpus: Path, tmp_path: Path) -> None:
+    from flows.pretrain import pretrain_flow
+    from flows.tokenize import tokenize_flow
+
+    too_long = make_config(tmp_path / "a", model={"preset": "tiny", "max_seq_len": 16})
+    with pytest.raises(ValueError, match=r"tokenize.seq_len 32 is larger than the model's context"):
+        pretrain_flow(too_long, reference_run["tokens"]["path"])
+    missing = parse_config({**make_config(tmp_path / "b").model_dump(mode="json"),
+                            "tokenize": {"tokenizer": str(tmp_path / "missing" / "tokenizer.json")}})
+    with pytest.raises(ValueError, match="tokenizer not found"):
+        tokenize_flow(missing, str(corpus))
+    empty = write_corpus_stage(tmp_path / "filter-empty", [])
+    with pytest.raises(ValueError, match="empty corpus"):
+        tokenize_flow(make_config(tmp_path / "c"), str(empty))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists(), "nothing was written"
