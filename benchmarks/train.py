@@ -105,8 +105,9 @@ def run_plain(args: argparse.Namespace, data: Path) -> dict:
 
 
 def subprocess_result(args: argparse.Namespace, role: str, data: Path, out: Path) -> dict:
+    passed = {k: v for k, v in vars(args).items() if k not in ("role", "data", "out", "gpu")}
     command = [sys.executable, __file__, "--role", role, "--data", str(data), "--out", str(out),
-               *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("role", "data", "out", "gpu")]]
+               *[f"--{k.replace('_', '-')}={v}" for k, v in passed.items()]]
     if args.gpu:
         command.append("--gpu")
     done = subprocess.run(command, capture_output=True, text=True, check=False)
