@@ -28,6 +28,7 @@ from typing import Any
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
+from dataprep.eval_tasks import write_bundled_tasks
 from dataprep.prose import Article, iter_articles, reference_articles, source_versions
 from dataprep.shards import atomic_write_bytes
 
@@ -291,6 +292,7 @@ def build_sample(out_dir: str | Path, prose_pages: int | None = None, warc_files
     reference = "".join(json.dumps({"title": a.title, "text": "\n\n".join(a.paragraphs)}) + "\n"
                         for a in reference_articles(set()))
     _write_if_changed(out / "reference.jsonl", reference.encode())
+    write_bundled_tasks(out / "tasks", [p.truth for p in pages if p.truth and p.kind == "prose"])
     summary = {
         "pages": len(pages),
         "kinds": dict(sorted(Counter(p.kind for p in pages).items())),

@@ -73,6 +73,9 @@ def _report(results: dict[str, Any]) -> None:
                        f"{stats['unigram_val_loss']}); {stats['tokens_per_s']:,.0f} tokens/s")
             typer.echo(f"  checkpoints: {result['path']}/checkpoints; HF model: {result['path']}/hf; "
                        f"curve: {result['path']}/loss.png")
+        if "table" in stats:
+            typer.echo(f"  results: {result['path']}/results.parquet; plot: {result['path']}/metrics.png")
+            typer.echo("\n".join("    " + line for line in stats["table"].splitlines()))
         if "steps" in stats and isinstance(stats["steps"], list):
             from dataprep.funnel import funnel_markdown
 
@@ -139,6 +142,28 @@ def pretrain(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = Fa
 
     cfg = _load(config, address, local)
     _report(_run(pipeline_flow, cfg, "pretrain"))
+
+
+@app.command()
+def evaluate(
+    config: ConfigArg,
+    run: Annotated[Path | None, typer.Option(help="a pretrain stage directory (default: this config's)")] = None,
+    watch: Annotated[bool, typer.Option(help="keep polling for new checkpoints until training completes")] = False,
+    timeout: Annotated[float | None, typer.Option(help="stop watching after this many seconds")] = None,
+    address: AddressOpt = None,
+    local: LocalOpt = False,
+) -> None:
+    """Evaluate every checkpoint not yet evaluated: perplexity, few-shot tasks, BLEU/chrF/ROUGE."""
+    from flows.evaluate import evaluate_flow
+    from flows.pipeline import pipeline_flow
+
+    cfg = _load(config, address, local)
+    if run is None:
+        if watch:
+            raise typer.BadParameter("--watch needs --run PRETRAIN_DIR (the stage being trained)")
+        _report(_run(pipeline_flow, cfg, "evaluate"))
+        return
+    _report({"evaluate": _run(evaluate_flow, cfg, str(run.resolve()), watch, timeout)})
 
 
 @app.command()

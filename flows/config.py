@@ -208,6 +208,7 @@ class PretrainConfig(_Strict):
     cpus_per_worker: int = Field(1, ge=1)
     max_failures: int = Field(2, ge=0, description="Ray Train restarts from the latest checkpoint")
     checkpoint_every: int = Field(50, ge=1)
+    checkpoint_initial: bool = Field(True, description="also save step 0 (the initialised model) for evaluation")
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
 
@@ -218,6 +219,16 @@ class PretrainConfig(_Strict):
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("precision bf16 needs use_gpu: true (CPU training runs in fp32)")
         return self
+
+
+class EvaluateConfig(_Strict):
+    """The evaluate stage: held-out perplexity plus YAML-defined few-shot and generation tasks per checkpoint."""
+
+    tasks: list[Path] = Field(default_factory=list, description="task YAML files (see dataprep/eval_tasks.py)")
+    max_windows: int = Field(256, ge=1, description="held-out windows for perplexity")
+    batch: int = Field(8, ge=1)
+    use_gpu: bool = Field(False, description="one GPU per checkpoint evaluation")
+    watch_interval: float = Field(5.0, gt=0, description="seconds between polls with --watch")
 
 
 class RunConfig(_Strict):
@@ -232,6 +243,7 @@ class RunConfig(_Strict):
     filter: FilterConfig = FilterConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @field_validator("name")
     @classmethod
@@ -241,7 +253,7 @@ class RunConfig(_Strict):
         return value
 
 
-STAGES: tuple[str, ...] = ("ingest", "dedup", "filter", "tokenize", "pretrain")
+STAGES: tuple[str, ...] = ("ingest", "dedup", "filter", "tokenize", "pretrain", "evaluate")
 
 
 def _is_url(path: str) -> bool:
@@ -306,6 +318,9 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     tokenize = data.get("tokenize")
     if isinstance(tokenize, dict) and isinstance(tokenize.get("tokenizer"), str):
         data["tokenize"] = {**tokenize, "tokenizer": _resolve(base, tokenize["tokenizer"])}
+    evaluate = data.get("evaluate")
+    if isinstance(evaluate, dict) and isinstance(evaluate.get("tasks"), list):
+        data["evaluate"] = {**evaluate, "tasks": [_resolve(base, str(t)) for t in evaluate["tasks"]]}
     ray = data.get("ray")
     if isinstance(ray, dict) and isinstance(ray.get("temp_dir"), str):
         data["ray"] = {**ray, "temp_dir": _resolve(base, ray["temp_dir"])}

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 
 from flows.config import STAGES, RunConfig
 from flows.dedup import dedup_flow
+from flows.evaluate import evaluate_flow
 from flows.filter import filter_flow
 from flows.ingest import ingest_flow
 from flows.pretrain import pretrain_flow
@@ -45,4 +46,6 @@ def pipeline_flow(config: RunConfig, until: str | None = None) -> dict[str, Any]
         results["tokenize"] = tokenize_flow(config, results["filter"]["path"])
     if "pretrain" in selected:
         results["pretrain"] = pretrain_flow(config, results["tokenize"]["path"])
+    if "evaluate" in selected:
+        results["evaluate"] = evaluate_flow(config, results["pretrain"]["path"])
     return results

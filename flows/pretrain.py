@@ -37,7 +37,7 @@ from workers.tokenize import TOKENIZER_DIR, TOKENS_DIR
 STAGE = "pretrain"
 CODE_VERSION = "pretrain-1"
 OPERATIONAL = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "checkpoint_every", "keep_last",
-               "log_every")
+               "log_every", "checkpoint_initial")
 HF_DIR = "hf"
 LOSS_PNG = "loss.png"
 CHECKPOINT_EVENT = "forgeline.checkpoint.saved"
@@ -67,7 +67,8 @@ def train_spec(config: RunConfig, tokenize_path: Path, stage_path: Path) -> Trai
         min_lr=settings.min_lr, warmup_steps=settings.warmup_steps, weight_decay=settings.weight_decay,
         betas=settings.betas, grad_clip=settings.grad_clip, seed=settings.seed, precision=precision,
         activation_checkpointing=settings.activation_checkpointing, compile=settings.compile,
-        checkpoint_every=settings.checkpoint_every, keep_last=settings.keep_last, eval_every=settings.eval_every,
+        checkpoint_every=settings.checkpoint_every,
+        checkpoint_initial=settings.checkpoint_initial, keep_last=settings.keep_last, eval_every=settings.eval_every,
         eval_windows=settings.eval_windows, log_every=settings.log_every, threads=settings.cpus_per_worker,
         use_gpu=settings.use_gpu, fault_step=fault_step,
     )

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,8 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
 def load_full_model(checkpoint: Path, model: torch.nn.Module) -> torch.nn.Module:
     """Load a checkpoint's weights into an unsharded model in one process (no process group needed)."""
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     model.load_state_dict(state["model"])
     return model

@@ -68,6 +68,7 @@ class TrainSpec:
     activation_checkpointing: bool = False
     compile: bool = False
     checkpoint_every: int = 50
+    checkpoint_initial: bool = False  # save step 0 too (the initialised model), e.g. for evaluation curves
     keep_last: int = 2
     eval_every: int = 50
     eval_windows: int = 64
@@ -270,6 +271,8 @@ def train(spec: TrainSpec, report: Reporter | None = None) -> dict[str, Any]:
         state = load_checkpoint(resume_from, model, optimizer, restore_rng=True)
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
+        if start == 0:
+            optimizer.state.clear()  # the step-0 checkpoint holds the zero-lr initialisation state (see below)
     metrics_path = out / METRICS_FILE
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -279,6 +282,18 @@ def train(spec: TrainSpec, report: Reporter | None = None) -> dict[str, Any]:
               f"on {ctx.device.type}; {'resuming from ' + str(resume_from) if resume_from else 'from scratch'}",
               flush=True)
     tokens_per_step = plan.global_batch * seq_len
+
+    def checkpoint(step: int, metrics: dict[str, Any]) -> None:
+        save_checkpoint(ckpt_root, step, model, optimizer,
+                        {"scheduler": scheduler.state_dict(), "data_position": step, "model": config.to_dict(),
+                         "world_size": ctx.world, "seed": spec.seed, "spec": spec.to_dict(), "metrics": metrics},
+                        spec.keep_last)
+
+    if start == 0 and spec.checkpoint_initial:
+        checkpoint(0, {"step": 0, "tokens": 0})
+        # DCP's get_state_dict initialises AdamW's state with a zero-lr step (step count 1); drop it so the
+        # run is the same with or without this checkpoint.
+        optimizer.state.clear()
     flops = flops_per_token(config, seq_len)
     peak = peak_flops(ctx.device, spec.precision)
     autocast_dtype = torch.bfloat16 if spec.precision == "bf16" else None
@@ -315,10 +330,7 @@ def train(spec: TrainSpec, report: Reporter | None = None) -> dict[str, Any]:
             row["val_loss"] = evaluate(model, val_data, spec.eval_windows, ctx, spec.micro_batch)
         checkpointing = done % spec.checkpoint_every == 0 or done == spec.steps
         if checkpointing:
-            save_checkpoint(ckpt_root, done, model, optimizer,
-                            {"scheduler": scheduler.state_dict(), "data_position": done, "model": config.to_dict(),
-                             "world_size": ctx.world, "seed": spec.seed, "spec": spec.to_dict(),
-                             "metrics": row}, spec.keep_last)
+            checkpoint(done, row)
         if ctx.rank == 0:
             with open(metrics_path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")

@@ -1,0 +1,196 @@
+"""The `evaluate` Prefect flows: every complete checkpoint of a pretrain stage, each evaluated once.
+
+Output `<run_dir>/evaluate-<hash>/` (hash: the evaluate config, the task files' and data files' contents, and
+the pretrain stage): `results/step-<n>.parquet` per checkpoint (written atomically: its presence means that
+checkpoint is done for this eval config, so reruns skip it) with `results/step-<n>.json` (errors, generated
+samples); `results.parquet` (run, pretrain, checkpoint, step, tokens, task, metric, value) for all of them;
+`metrics.png`; the `evaluate-results` markdown artifact. `_SUCCESS` is written once the pretrain stage is
+complete and all its checkpoints are evaluated.
+
+Triggers: `forgeline run` (after pretrain); `forgeline evaluate CONFIG --watch --run PRETRAIN_DIR`, which
+polls for new checkpoints; and `evaluate_checkpoint_flow`, the entry point of the `evaluate-on-checkpoint`
+deployment in `infra/prefect.yaml`, run by Prefect for each `forgeline.checkpoint.saved` event.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import xxhash
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from dataprep.eval_report import RESULT_SCHEMA, metrics_png, summary_markdown
+from dataprep.eval_tasks import TaskError, load_task
+from dataprep.shards import atomic_write_json, publish_table
+from dataprep.stage import StageDir, package_version, stage_hash
+from flows.common import connect_ray
+from flows.config import RunConfig, load_config
+from workers.checkpoint import complete_checkpoints
+from workers.evaluate import evaluate_checkpoint_task
+from workers.pretrain import CHECKPOINTS_DIR
+
+STAGE = "evaluate"
+CODE_VERSION = "evaluate-1"
+RESULTS_DIR = "results"
+RESULTS_FILE = "results.parquet"
+METRICS_PNG = "metrics.png"
+
+
+def _digest(path: Path) -> str:
+    return xxhash.xxh64_hexdigest(path.read_bytes()) if path.is_file() else "missing"
+
+
+def load_tasks(config: RunConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The task specs that load, and an error entry for each task file that does not."""
+    tasks, errors = [], []
+    for path in config.evaluate.tasks:
+        try:
+            spec = load_task(path)
+            tasks.append({**spec.model_dump(mode="json"), "_fingerprint": _digest(path) + _digest(spec.data)})
+        except TaskError as error:
+            errors.append({"task": path.stem, "error": str(error), "step": None})
+    return tasks, errors
+
+
+def evaluate_params(config: RunConfig, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    settings = config.evaluate.model_dump(mode="json", exclude={"tasks", "use_gpu", "watch_interval"})
+    return {**settings, "tasks": sorted((t["name"], t["_fingerprint"]) for t in tasks)}
+
+
+def evaluate_stage(config: RunConfig, pretrain: StageDir, tasks: list[dict[str, Any]]) -> StageDir:
+    code = f"{package_version()}/{CODE_VERSION}"
+    return StageDir.for_stage(config.run_dir, STAGE,
+                              stage_hash(STAGE, evaluate_params(config, tasks), [pretrain.name], code))
+
+
+def result_path(stage: StageDir, checkpoint: Path) -> Path:
+    return stage.path / RESULTS_DIR / f"{checkpoint.name}.parquet"
+
+
+def pending_checkpoints(stage: StageDir, pretrain: StageDir) -> list[Path]:
+    return [c for c in complete_checkpoints(pretrain.path / CHECKPOINTS_DIR) if not result_path(stage, c).is_file()]
+
+
+def _store(config: RunConfig, stage: StageDir, pretrain: StageDir, checkpoint: Path, result: dict[str, Any]) -> None:
+    """Side file (errors, samples) first, then the parquet that marks the checkpoint as done."""
+    errors = [{**e, "step": result["step"]} for e in result["errors"]]
+    atomic_write_json(stage.path / RESULTS_DIR / f"{checkpoint.name}.json",
+                      {"checkpoint": str(checkpoint), "errors": errors, "samples": result["samples"]})
+    rows = [{"run": config.name, "pretrain": pretrain.name, "checkpoint": checkpoint.name, "step": result["step"],
+             "tokens": result["tokens"], **row} for row in result["rows"]]
+    table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    publish_table(table, result_path(stage, checkpoint), stage.tmp_dir)
+
+
+@task(name="evaluate-checkpoints", cache_policy=NO_CACHE)
+def evaluate_checkpoints(config: RunConfig, stage_path: str, pretrain_path: str, tasks: list[dict[str, Any]],
+                         checkpoints: list[str]) -> int:
+    """One Ray task per checkpoint (a GPU each with evaluate.use_gpu); results stored as they finish."""
+    get_run_logger().info("Ray: %s", connect_ray(config))
+    stage, pretrain = StageDir(Path(stage_path)), StageDir(Path(pretrain_path))
+    clean = [{k: v for k, v in t.items() if not k.startswith("_")} for t in tasks]
+    remote = evaluate_checkpoint_task.options(num_gpus=1 if config.evaluate.use_gpu else 0)
+    running = {remote.remote(path, clean, config.evaluate.max_windows, config.evaluate.batch): Path(path)
+               for path in checkpoints}
+    while running:
+        done, _ = ray.wait(list(running), num_returns=1)
+        checkpoint = running.pop(done[0])
+        _store(config, stage, pretrain, checkpoint, ray.get(done[0]))
+        get_run_logger().info("evaluated %s", checkpoint)
+    return len(checkpoints)
+
+
+def collect(stage: StageDir) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """All stored rows (sorted by step) and errors."""
+    files = sorted((stage.path / RESULTS_DIR).glob("*.parquet"))
+    rows = [row for f in files for row in pq.read_table(f).to_pylist()]
+    errors = [e for f in sorted((stage.path / RESULTS_DIR).glob("*.json")) for e in json.loads(f.read_text())["errors"]]
+    return sorted(rows, key=lambda r: (r["step"], r["task"], r["metric"])), errors
+
+
+def refresh_outputs(config: RunConfig, stage: StageDir, load_errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rewrite results.parquet, metrics.png and the artifact from everything stored so far."""
+    rows, errors = collect(stage)
+    errors = load_errors + errors
+    publish_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), stage.path / RESULTS_FILE, stage.tmp_dir)
+    metrics_png(rows, stage.path / METRICS_PNG, f"evaluation: {config.name}")
+    table = summary_markdown(rows, errors)
+    create_markdown_artifact(key="evaluate-results", markdown=f"# evaluate — `{stage.name}`\n\n{table}",
+                             description=f"evaluation of {config.name}")
+    steps = sorted({r["step"] for r in rows})
+    return {"records_in": len(steps), "records_out": len(rows), "dropped": {}, "checkpoints": len(steps),
+            "errors": len(errors), "table": table}
+
+
+def _publish(config: RunConfig, stage: StageDir, pretrain: StageDir, stats: dict[str, Any], started: float) -> None:
+    manifest = {
+        "stage": STAGE, "name": stage.name, "path": str(stage.path), "hash": stage.digest,
+        "code_version": f"{package_version()}/{CODE_VERSION}", "config": config.evaluate.model_dump(mode="json"),
+        "inputs": [{"stage": pretrain.name, "path": str(pretrain.path)}],
+        "outputs": {"results": RESULTS_FILE, "per_checkpoint": RESULTS_DIR, "plot": METRICS_PNG},
+        "stats": {k: v for k, v in stats.items() if k != "table"},
+        "timings": {"started_at": datetime.fromtimestamp(started, UTC).isoformat(),
+                    "finished_at": datetime.now(UTC).isoformat(), "seconds": round(time.time() - started, 3)},
+    }
+    stage.publish(manifest)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(config: RunConfig, pretrain_path: str, watch: bool = False, timeout_s: float | None = None
+                  ) -> dict[str, Any]:
+    """Evaluate every not-yet-evaluated checkpoint; with `watch`, keep polling until the stage is complete."""
+    started = time.time()
+    pretrain = StageDir(Path(pretrain_path))
+    if not (pretrain.path / CHECKPOINTS_DIR).is_dir() and not watch:
+        raise ValueError(f"{pretrain.path} has no {CHECKPOINTS_DIR}/ (not a pretrain stage)")
+    tasks, load_errors = load_tasks(config)
+    for error in load_errors:
+        get_run_logger().error("task skipped: %s", error["error"])
+    stage = evaluate_stage(config, pretrain, tasks)
+    if stage.is_complete():
+        get_run_logger().info("evaluate: %s is complete; skipping", stage.path)
+        stats = stage.read_manifest()["stats"]
+        stats = {**stats, **refresh_outputs(config, stage, load_errors)}
+        return {"path": str(stage.path), "skipped": True, "stats": stats}
+    stage.prepare()
+    evaluated = 0
+    while True:
+        upstream_done = pretrain.is_complete()  # read before listing, so no final checkpoint is missed
+        pending = pending_checkpoints(stage, pretrain)
+        if pending:
+            evaluated += evaluate_checkpoints(config, str(stage.path), str(pretrain.path), tasks,
+                                              [str(p) for p in pending])
+            refresh_outputs(config, stage, load_errors)
+            continue
+        if not watch or upstream_done or (timeout_s is not None and time.time() - started > timeout_s):
+            break
+        time.sleep(config.evaluate.watch_interval)
+    stats = {**refresh_outputs(config, stage, load_errors), "evaluated_now": evaluated}
+    if pretrain.is_complete() and not pending_checkpoints(stage, pretrain):
+        _publish(config, stage, pretrain, stats, started)
+    get_run_logger().info("evaluate: %s (%d checkpoints evaluated now)\n%s", stage.path, evaluated, stats["table"])
+    return {"path": str(stage.path), "skipped": False, "stats": stats}
+
+
+@flow(name="evaluate-checkpoint", log_prints=True)
+def evaluate_checkpoint_flow(config_path: str, checkpoint: str) -> dict[str, Any]:
+    """One checkpoint (the deployment triggered by `forgeline.checkpoint.saved`); skipped if already done."""
+    config = load_config(config_path)
+    path = Path(checkpoint)
+    pretrain = StageDir(path.parent.parent)
+    tasks, load_errors = load_tasks(config)
+    stage = evaluate_stage(config, pretrain, tasks)
+    stage.path.mkdir(parents=True, exist_ok=True)
+    stage.tmp_dir.mkdir(exist_ok=True)
+    if not result_path(stage, path).is_file():
+        evaluate_checkpoints(config, str(stage.path), str(pretrain.path), tasks, [str(path)])
+    return {"path": str(stage.path), "skipped": False, "stats": refresh_outputs(config, stage, load_errors)}
