@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,20 @@ def completed_stage_result(stage: StageDir) -> dict[str, Any] | None:
     get_run_logger().info("%s: %s is complete; skipping", manifest["stage"], stage.path)
     publish_artifact(manifest, skipped=True)
     return {"path": str(stage.path), "skipped": True, "stats": manifest["stats"]}
+
+
+def complete_upstream(path: str, stage: str) -> StageDir:
+    """The upstream stage at `path`, or a ValueError when it has no `_SUCCESS`."""
+    upstream = StageDir(Path(path))
+    if not upstream.is_complete():
+        raise ValueError(f"{stage} input {upstream.path} is not a complete stage (no _SUCCESS)")
+    return upstream
+
+
+def timings(started: float) -> dict[str, Any]:
+    """The manifest's `timings` block for a stage that started at `started` (epoch seconds)."""
+    return {"started_at": datetime.fromtimestamp(started, UTC).isoformat(),
+            "finished_at": datetime.now(UTC).isoformat(), "seconds": round(time.time() - started, 3)}
 
 
 def stage_task_options(config: RunConfig) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,14 @@ from dataprep.dedup import lsh_params
 from dataprep.ingest import DATA_DIR, DOCUMENT_SCHEMA
 from dataprep.shards import publish_table, schema_to_json
 from dataprep.stage import StageDir, package_version, stage_hash
-from flows.common import completed_stage_result, connect_ray, publish_artifact, stage_task_options
+from flows.common import (
+    complete_upstream,
+    completed_stage_result,
+    connect_ray,
+    publish_artifact,
+    stage_task_options,
+    timings,
+)
 from flows.config import RunConfig
 from workers.dedup import run_dedup
 
@@ -70,9 +76,7 @@ def dedup_flow(config: RunConfig, upstream_path: str) -> dict[str, Any]:
     """Dedup the documents of a complete ingest stage into `<run_dir>/dedup-<hash>/`."""
     logger = get_run_logger()
     started = time.time()
-    upstream = StageDir(Path(upstream_path))
-    if not upstream.is_complete():
-        raise ValueError(f"dedup input {upstream.path} is not a complete stage (no _SUCCESS)")
+    upstream = complete_upstream(upstream_path, STAGE)
     stage = dedup_stage_dir(config, upstream)
     if (done := completed_stage_result(stage)) is not None:
         return done
@@ -93,11 +97,7 @@ def dedup_flow(config: RunConfig, upstream_path: str) -> dict[str, Any]:
                            "rows": sum(stats["dropped"].values())},
         },
         "stats": stats,
-        "timings": {
-            "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
-            "finished_at": datetime.now(UTC).isoformat(),
-            "seconds": round(time.time() - started, 3),
-        },
+        "timings": timings(started),
     }
     stage.publish(manifest)
     publish_artifact(manifest)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from dataprep.eval_report import RESULT_SCHEMA, metrics_png, summary_markdown
 from dataprep.eval_tasks import TaskError, load_task
 from dataprep.shards import atomic_write_json, publish_table
 from dataprep.stage import StageDir, package_version, stage_hash
-from flows.common import connect_ray
+from flows.common import connect_ray, timings
 from flows.config import RunConfig, load_config
 from workers.checkpoint import complete_checkpoints
 from workers.evaluate import evaluate_checkpoint_task
@@ -138,8 +137,7 @@ def _publish(config: RunConfig, stage: StageDir, pretrain: StageDir, stats: dict
         "inputs": [{"stage": pretrain.name, "path": str(pretrain.path)}],
         "outputs": {"results": RESULTS_FILE, "per_checkpoint": RESULTS_DIR, "plot": METRICS_PNG},
         "stats": {k: v for k, v in stats.items() if k != "table"},
-        "timings": {"started_at": datetime.fromtimestamp(started, UTC).isoformat(),
-                    "finished_at": datetime.now(UTC).isoformat(), "seconds": round(time.time() - started, 3)},
+        "timings": timings(started),
     }
     stage.publish(manifest)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from dataprep.filtering import REMOVED_DIR, load_resources, merge_shard_stats
 from dataprep.funnel import funnel_markdown, funnel_png
 from dataprep.ingest import DATA_DIR
 from dataprep.stage import StageDir, package_version, stage_hash
-from flows.common import completed_stage_result, connect_ray, stage_task_options
+from flows.common import complete_upstream, completed_stage_result, connect_ray, stage_task_options, timings
 from flows.config import RunConfig
 from workers.filter import run_filter
 
@@ -78,9 +77,7 @@ def filter_flow(config: RunConfig, upstream_path: str) -> dict[str, Any]:
     """Filter a complete upstream stage (dedup or ingest) into `<run_dir>/filter-<hash>/`."""
     logger = get_run_logger()
     started = time.time()
-    upstream = StageDir(Path(upstream_path))
-    if not upstream.is_complete():
-        raise ValueError(f"filter input {upstream.path} is not a complete stage (no _SUCCESS)")
+    upstream = complete_upstream(upstream_path, STAGE)
     load_resources([spec.step() for spec in config.filter.steps])  # bad models fail here, before any document
     stage = filter_stage_dir(config, upstream)
     if (done := completed_stage_result(stage)) is not None:
@@ -97,8 +94,7 @@ def filter_flow(config: RunConfig, upstream_path: str) -> dict[str, Any]:
                     "removed": {"path": REMOVED_DIR, "rows": stats["records_in"] - stats["records_out"]},
                     "funnel": {"path": FUNNEL_PNG}},
         "stats": stats,
-        "timings": {"started_at": datetime.fromtimestamp(started, UTC).isoformat(),
-                    "finished_at": datetime.now(UTC).isoformat(), "seconds": round(time.time() - started, 3)},
+        "timings": timings(started),
     }
     stage.publish(manifest)
     publish_funnel(manifest)

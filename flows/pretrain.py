@@ -16,7 +16,6 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from prefect.events import emit_event
 from dataprep.curves import loss_curve_png, read_metrics
 from dataprep.packing import read_index
 from dataprep.stage import StageDir, package_version, stage_hash
-from flows.common import FAULT_ENV, completed_stage_result, connect_ray, publish_artifact
+from flows.common import FAULT_ENV, complete_upstream, completed_stage_result, connect_ray, publish_artifact, timings
 from flows.config import PretrainConfig, RunConfig
 from workers.checkpoint import complete_checkpoints, latest_checkpoint, read_state
 from workers.model import ModelConfig, model_config, parameter_count
@@ -166,9 +165,7 @@ def pretrain_stats(stage: StageDir, spec: TrainSpec, index: dict[str, Any]) -> d
 def pretrain_flow(config: RunConfig, tokenize_path: str) -> dict[str, Any]:
     """Train the model on a complete tokenize stage into `<run_dir>/pretrain-<hash>/` (resuming if started)."""
     started = time.time()
-    upstream = StageDir(Path(tokenize_path))
-    if not upstream.is_complete():
-        raise ValueError(f"pretrain input {upstream.path} is not a complete stage (no _SUCCESS)")
+    upstream = complete_upstream(tokenize_path, STAGE)
     probe = train_spec(config, upstream.path, Path("."))
     code = f"{package_version()}/{CODE_VERSION}"
     stage = StageDir.for_stage(config.run_dir, STAGE,
@@ -195,8 +192,7 @@ def pretrain_flow(config: RunConfig, tokenize_path: str) -> dict[str, Any]:
         "outputs": {"checkpoints": {"path": CHECKPOINTS_DIR, "latest": latest.name}, "metrics": METRICS_FILE,
                     "loss_curve": LOSS_PNG, "hf": HF_DIR},
         "stats": stats,
-        "timings": {"started_at": datetime.fromtimestamp(started, UTC).isoformat(),
-                    "finished_at": datetime.now(UTC).isoformat(), "seconds": round(time.time() - started, 3)},
+        "timings": timings(started),
     }
     stage.publish(manifest)
     publish_artifact(manifest)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,14 @@ from dataprep.ingest import DATA_DIR
 from dataprep.packing import write_index
 from dataprep.stage import StageDir, package_version, stage_hash
 from dataprep.tokenizer import TOKENIZER_FILE, copy_hf_files, load_tokenizer
-from flows.common import completed_stage_result, connect_ray, publish_artifact, stage_task_options
+from flows.common import (
+    complete_upstream,
+    completed_stage_result,
+    connect_ray,
+    publish_artifact,
+    stage_task_options,
+    timings,
+)
 from flows.config import RunConfig
 from workers.tokenize import (
     STREAMS_DIR,
@@ -114,9 +120,7 @@ def tokenize_stats(index: dict[str, Any]) -> dict[str, Any]:
 def tokenize_flow(config: RunConfig, upstream_path: str) -> dict[str, Any]:
     """Tokenise a complete upstream stage (normally filter) into `<run_dir>/tokenize-<hash>/`."""
     started = time.time()
-    upstream = StageDir(Path(upstream_path))
-    if not upstream.is_complete():
-        raise ValueError(f"tokenize input {upstream.path} is not a complete stage (no _SUCCESS)")
+    upstream = complete_upstream(upstream_path, STAGE)
     sources = sorted((upstream.path / DATA_DIR).glob("*.parquet"))
     check_inputs(config, sources)
     code = f"{package_version()}/{CODE_VERSION}"
@@ -133,8 +137,7 @@ def tokenize_flow(config: RunConfig, upstream_path: str) -> dict[str, Any]:
         "config": tokenize_params(config), "inputs": [{"stage": upstream.name, "path": str(upstream.path)}],
         "outputs": {"tokenizer": {"path": TOKENIZER_DIR}, "tokens": {"path": TOKENS_DIR, "index": "index.json"}},
         "stats": stats,
-        "timings": {"started_at": datetime.fromtimestamp(started, UTC).isoformat(),
-                    "finished_at": datetime.now(UTC).isoformat(), "seconds": round(time.time() - started, 3)},
+        "timings": timings(started),
     }
     stage.publish(manifest)
     publish_artifact(manifest)
