@@ -86,10 +86,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (T, head_dim) for the half-rotation layout."""
+    """cos and sin of shape (*positions.shape, head_dim) for the half-rotation layout."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
                                 / head_dim))
-    freqs = torch.outer(positions.float(), inv_freq)
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -100,12 +100,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (T, D)."""
+    """x: (B, H, T, D); cos/sin broadcastable to it, e.g. (B or 1, 1, T, D)."""
     return (x * cos.to(x.dtype)) + (rotate_half(x) * sin.to(x.dtype))
 
 
 class KVCache:
-    """Per-layer key/value tensors of shape (B, kv_heads, T_max, head_dim), filled up to `length`."""
+    """Per-layer key/value tensors of shape (B, kv_heads, T_max, head_dim), all rows filled up to `length`.
+
+    The cache protocol the model uses: `positions(new)`, `attention_mask(new)` (None = plain causal over the
+    new block), `update(layer, k, v)` → all keys/values so far, `advance(new)`. `serving.kv_cache` has a
+    batch cache with a length per row (continuous batching) that follows the same protocol.
+    """
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch, config.n_kv_heads, max_len, config.head_dim)
@@ -113,6 +118,18 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.length = 0
         self.max_len = max_len
+
+    def positions(self, new: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.length, self.length + new, device=device)[None]
+
+    def attention_mask(self, new: int, device: torch.device) -> torch.Tensor | None:
+        if self.length == 0:
+            return None
+        # new queries see every cached position and the causal part of their own block
+        return torch.ones(new, self.length + new, dtype=torch.bool, device=device).tril(diagonal=self.length)
+
+    def advance(self, new: int) -> None:
+        self.length += new
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
@@ -137,21 +154,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
         if cache is not None:
-            past = cache.length
             k, v = cache.update(self.layer, k, v)
-        if past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-        else:  # new queries see every cached position and the causal part of their own block
-            mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        gqa = self.n_kv != self.n_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -176,9 +192,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
-                ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -216,22 +232,26 @@ class Transformer(nn.Module):
                 std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else self.config.init_std
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: Any | None = None,
                 ) -> torch.Tensor:
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        if start + tokens.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + tokens.shape[1]} tokens exceeds max_seq_len "
+        """`cache`: a `KVCache` (or `serving.kv_cache.BatchKVCache`); the new tokens follow what it holds."""
+        new = tokens.shape[1]
+        positions = cache.positions(new, tokens.device) if cache is not None \
+            else torch.arange(new, device=tokens.device)[None]
+        if int(positions.max()) + 1 > self.config.max_seq_len:
+            raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
         cos, sin = rope_tables(self.config.head_dim, positions, self.config.rope_theta)
+        cos, sin = cos[:, None], sin[:, None]  # (B or 1, 1, T, D): broadcast over heads
+        mask = cache.attention_mask(new, tokens.device) if cache is not None else None
         x = self.model.embed_tokens(tokens)
         for block in self.model.layers:
             if self.activation_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache)
+                x = block(x, cos, sin, cache, mask)
         if cache is not None:
-            cache.length += tokens.shape[1]
+            cache.advance(new)
         logits = self.lm_head(self.model.norm(x))
         if targets is None:
             return logits

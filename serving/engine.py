@@ -1,0 +1,321 @@
+"""The inference engine: KV-cached decoding with continuous batching, sampling, beam search and logprobs.
+
+- `Engine.load(path)`: an HF export directory (`model.safetensors` + Llama `config.json` + tokenizer files),
+  a DCP checkpoint directory (`step-*`), or a pretrain stage directory (its `hf/` export, else its latest
+  checkpoint).
+- Scheduling: requests wait in a queue; at each step boundary waiting requests are prefilled (batch 1, their
+  own KV cache) and join the running batch (`serving.kv_cache.BatchKVCache`); one forward pass then decodes
+  one token for every running sequence; finished sequences leave. `step()` is one such iteration;
+  `run_until_idle()` drives it synchronously; `start()` runs it on a background thread (the Serve replica).
+- Beam search (beam_width > 1) runs as its own batch of beams with a shared-prefix cache that is reordered
+  each step; scores are summed logprobs divided by length**length_penalty; with early stopping it ends once
+  beam_width hypotheses are finished.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from dataprep.tokenizer import load_tokenizer
+from serving.kv_cache import BatchKVCache
+from serving.sampling import RequestError, SamplingParams, choose_token, find_stop, make_generator, safe_prefix
+from workers.model import KVCache, ModelConfig, Transformer
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]
+
+
+@dataclass
+class Request:
+    """One sequence being generated; `on_event(kind, payload)` receives "delta" and "done" events."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[str, Any], None] | None = None
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    text: str = ""
+    streamed: str = ""
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
+    started: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def emit(self, kind: str, payload: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, payload)
+
+
+def _from_hf(directory: Path) -> tuple[Transformer, Path]:
+    from safetensors.torch import load_file
+
+    hf = json.loads((directory / "config.json").read_text())
+    config = ModelConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                         n_heads=hf["num_attention_heads"], n_kv_heads=hf["num_key_value_heads"],
+                         ffn_dim=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
+                         rope_theta=hf.get("rope_theta", 10_000.0), norm_eps=hf["rms_norm_eps"],
+                         tie_embeddings=hf.get("tie_word_embeddings", False))
+    model = Transformer(config)
+    state = load_file(str(directory / "model.safetensors"))
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state)
+    return model, directory
+
+
+def load_model(path: Path) -> tuple[Transformer, Path]:
+    """Model and tokenizer directory from an HF export, a checkpoint or a pretrain stage directory."""
+    from workers.checkpoint import STATE_FILE, latest_checkpoint, load_full_model, read_state
+
+    path = Path(path)
+    if (path / "hf" / "config.json").is_file():
+        return _from_hf(path / "hf")
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return _from_hf(path)
+    checkpoint = path if (path / STATE_FILE).is_file() else latest_checkpoint(path / "checkpoints")
+    if checkpoint is None:
+        raise FileNotFoundError(f"{path}: no HF export (config.json + model.safetensors), checkpoint or pretrain stage")
+    state = read_state(checkpoint)
+    model = load_full_model(checkpoint, Transformer(ModelConfig(**state["model"])))
+    return model, Path(state["spec"]["data_dir"]).parent / "tokenizer"
+
+
+class Engine:
+    """A model, its tokenizer and a continuous-batching scheduler."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, eot_id: int, name: str = "forgeline",
+                 max_batch: int = 16, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
+        self.model = model.to(self.device).eval()
+        self.tokenizer, self.eot_id, self.name, self.max_batch = tokenizer, eot_id, name, max_batch
+        self.config = model.config
+        self.dtype = next(model.parameters()).dtype
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.running: list[Request] = []
+        self.cache = BatchKVCache(self.config, self.config.max_seq_len, self.device, self.dtype)
+        self.wakeup = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+
+    @classmethod
+    def load(cls, path: Path, name: str = "forgeline", max_batch: int = 16) -> Engine:
+        model, tokenizer_dir = load_model(Path(path))
+        tokenizer, eot_id = load_tokenizer(tokenizer_dir)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model, tokenizer, eot_id, name, max_batch, device)
+
+    # ---- text helpers
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+    # ---- requests
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               on_event: Callable[[str, Any], None] | None = None) -> Request:
+        """Validate and queue a request (RequestError names the bad field)."""
+        params.validate(len(prompt_ids), self.config.max_seq_len)
+        if any(not 0 <= t < self.config.vocab_size for t in prompt_ids):
+            raise RequestError("prompt", f"token ids must be in [0, {self.config.vocab_size})")
+        request = Request(list(prompt_ids), params, on_event,
+                          generator=make_generator(params.seed, torch.device("cpu")))
+        self.waiting.put(request)
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += len(prompt_ids)
+        self.wakeup.set()
+        return request
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        """Submit and wait (drives the scheduler itself when no background thread runs)."""
+        request = self.submit(prompt_ids, params)
+        if self.thread is None:
+            self.run_until_idle()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request
+
+    # ---- scheduling
+    def start(self) -> None:
+        """Run the scheduler on a daemon thread (one per engine)."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="forgeline-engine", daemon=True)
+            self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            if not self.running and self.waiting.empty():
+                self.wakeup.wait(timeout=1.0)
+                self.wakeup.clear()
+                continue
+            self.step()
+
+    def run_until_idle(self) -> None:
+        while self.running or not self.waiting.empty():
+            self.step()
+
+    def step(self) -> None:
+        """Admit waiting requests (prefill), decode one token for all running ones, retire finished ones."""
+        self._admit()
+        if self.running:
+            self._decode()
+        self.stats["steps"] += 1
+
+    def _admit(self) -> None:
+        while len(self.running) < self.max_batch and not self.waiting.empty():
+            request = self.waiting.get_nowait()
+            try:
+                if request.params.beam_width > 1:
+                    self._beam_search(request)
+                    continue
+                self._prefill(request)
+            except Exception as error:  # a failing request never takes the engine down
+                request.error = error
+                request.finish_reason = "error"
+                request.done.set()
+                request.emit("error", error)
+
+    @torch.no_grad()
+    def _prefill(self, request: Request) -> None:
+        prompt = request.prompt_ids
+        single = KVCache(self.config, 1, len(prompt), self.device, self.dtype)
+        logits = self.model(torch.tensor([prompt], device=self.device), cache=single)[0]
+        if request.params.echo:
+            request.prompt_logprobs = [None] + [self._logprob(logits[i], prompt[i + 1], request.params.logprobs)
+                                                for i in range(len(prompt) - 1)]
+        self.cache.add_row(single)
+        self.running.append(request)
+        self._accept(request, logits[-1])
+
+    def _logprob(self, logits: torch.Tensor, token: int, top: int | None) -> TokenLogprob:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        alternatives = []
+        if top:
+            values, ids = torch.topk(logprobs, top)
+            alternatives = [(int(i), self.token_text(int(i)), float(v)) for v, i in zip(values, ids, strict=True)]
+        return TokenLogprob(token, self.token_text(token), float(logprobs[token]), alternatives)
+
+    def _accept(self, request: Request, logits: torch.Tensor) -> None:
+        """Choose the next token of a running request from its logits row, then check its stop conditions."""
+        params = request.params
+        token = choose_token(logits, params, request.generator)  # type: ignore[arg-type]
+        if params.logprobs is not None:
+            request.logprobs.append(self._logprob(logits, token, params.logprobs))
+        stop_token = (token == self.eot_id and not params.ignore_eos) or token in params.stop_token_ids
+        if stop_token:
+            request.finish_reason = "stop"
+            return
+        request.output_ids.append(token)
+        self.stats["generated_tokens"] += 1
+        text = self.decode(request.output_ids)
+        cut = find_stop(text, params.stop)
+        if cut is not None:
+            request.text, request.finish_reason = text[:cut], "stop"
+            return
+        request.text = text
+        if len(request.output_ids) >= params.max_tokens:
+            request.finish_reason = "length"
+            return
+        ready = safe_prefix(text, params.stop)
+        if len(ready) > len(request.streamed):
+            request.emit("delta", ready[len(request.streamed):])
+            request.streamed = ready
+
+    @torch.no_grad()
+    def _decode(self) -> None:
+        self._retire()
+        if not self.running:
+            return
+        last = torch.tensor([[r.output_ids[-1]] for r in self.running], device=self.device)
+        logits = self.model(last, cache=self.cache)[:, -1]
+        for row, request in enumerate(self.running):
+            self._accept(request, logits[row])
+        self._retire()
+
+    def _retire(self) -> None:
+        keep = [i for i, r in enumerate(self.running) if r.finish_reason is None]
+        if len(keep) == len(self.running):
+            return
+        for request in (r for r in self.running if r.finish_reason is not None):
+            self._finish(request)
+        self.running = [self.running[i] for i in keep]
+        self.cache.keep_rows(keep)
+
+    def _finish(self, request: Request) -> None:
+        if len(request.text) > len(request.streamed):
+            request.emit("delta", request.text[len(request.streamed):])
+            request.streamed = request.text
+        request.done.set()
+        request.emit("done", request)
+
+    # ---- beam search
+    @torch.no_grad()
+    def _beam_search(self, request: Request) -> None:
+        """Length-normalised beam search (score = sum logprob / length**length_penalty)."""
+        params, width = request.params, request.params.beam_width
+        prompt = request.prompt_ids
+        cache = KVCache(self.config, 1, len(prompt) + params.max_tokens, self.device, self.dtype)
+        logits = self.model(torch.tensor([prompt], device=self.device), cache=cache)[:, -1]
+        beams: list[tuple[list[int], float]] = [([], 0.0)]
+        finished: list[tuple[list[int], float]] = []
+
+        def normalised(tokens: list[int], total: float) -> float:
+            return total / max(1, len(tokens)) ** params.length_penalty
+
+        for _ in range(params.max_tokens):
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            candidates = []
+            for row, (_tokens, total) in enumerate(beams):
+                values, ids = torch.topk(logprobs[row], width + 1)
+                candidates += [(total + float(v), row, int(i)) for v, i in zip(values, ids, strict=True)]
+            candidates.sort(key=lambda c: -c[0])
+            alive, rows = [], []
+            for total, row, token in candidates:
+                tokens = beams[row][0] + [token]
+                if token == self.eot_id or token in params.stop_token_ids:
+                    finished.append((beams[row][0], total))
+                elif len(alive) < width:
+                    alive.append((tokens, total))
+                    rows.append(row)
+                if len(alive) == width:
+                    break
+            if params.early_stopping and len(finished) >= width or not alive:
+                break
+            beams = alive
+            if cache.keys[0].shape[0] != len(rows) or rows != list(range(len(rows))):
+                cache.reorder(torch.tensor(rows, device=self.device))
+            logits = self.model(torch.tensor([[t[-1]] for t, _ in beams], device=self.device), cache=cache)[:, -1]
+        pool = finished + beams
+        best_tokens, best_total = max(pool, key=lambda b: normalised(*b))
+        request.output_ids = best_tokens
+        text = self.decode(best_tokens)
+        cut = find_stop(text, params.stop)
+        request.text = text if cut is None else text[:cut]
+        stopped = cut is not None or (best_tokens, best_total) in finished
+        request.finish_reason = "stop" if stopped else "length"
+        request.extra["beam_score"] = normalised(best_tokens, best_total)
+        self.stats["generated_tokens"] += len(best_tokens)
+        self._finish(request)
+

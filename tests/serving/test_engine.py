@@ -1,0 +1,133 @@
+"""The engine against recomputation: KV-cached logits, greedy, beam width 1, top-k 1, seeds, continuous batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dataprep.tokenizer import EOT_TOKEN, train_bpe
+from serving.engine import Engine
+from serving.kv_cache import BatchKVCache
+from serving.sampling import RequestError, SamplingParams, safe_prefix
+from workers.model import KVCache, ModelConfig, Transformer
+
+CONFIG = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
+TEXT = "the cat sat on the mat. a dog ran in the park. the sun is hot and the sky is blue."
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    tokenizer = train_bpe([TEXT] * 20, 300)
+    model = Transformer(CONFIG)
+    model.init_weights(11)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(4.0)  # peaky distributions: sampling and greedy differ visibly
+    return Engine(model, tokenizer, tokenizer.token_to_id(EOT_TOKEN), max_batch=4)
+
+
+def recompute_greedy(engine: Engine, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    sequence, logits_seen = list(prompt), []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([sequence]))[0, -1]
+        logits_seen.append(logits)
+        sequence.append(int(logits.argmax()))
+    return sequence[len(prompt):], logits_seen
+
+
+def test_batch_cache_logits_equal_full_recomputation_at_every_step() -> None:
+    model = Transformer(CONFIG).eval()
+    model.init_weights(11)
+    prompts = [[5, 9, 13, 200], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9]]  # different lengths in one batch
+    cache = BatchKVCache(CONFIG, 64, torch.device("cpu"), torch.float32)
+    sequences = [list(p) for p in prompts]
+    for prompt, sequence in zip(prompts, sequences, strict=True):
+        single = KVCache(CONFIG, 1, len(prompt), torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            sequence.append(int(model(torch.tensor([prompt]), cache=single)[0, -1].argmax()))
+        cache.add_row(single)
+    for _ in range(12):
+        with torch.no_grad():
+            cached = model(torch.tensor([[s[-1]] for s in sequences]), cache=cache)[:, -1]
+        for row, sequence in enumerate(sequences):
+            with torch.no_grad():
+                full = model(torch.tensor([sequence]))[0, -1]
+            assert torch.allclose(cached[row], full, atol=1e-5)
+            sequence.append(int(full.argmax()))
+
+
+def test_greedy_beam1_and_topk1_equal_recomputed_argmax(engine: Engine) -> None:
+    prompt = engine.encode("the cat sat")
+    expected, _ = recompute_greedy(engine, prompt, 20)
+    greedy = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    assert greedy.output_ids == expected
+    beam = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=0, beam_width=1, ignore_eos=True))
+    assert beam.output_ids == expected
+    top1 = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=1.0, top_k=1, ignore_eos=True, seed=5))
+    assert top1.output_ids == expected
+
+
+def test_seed_reproduces_and_differs_from_other_seeds(engine: Engine) -> None:
+    prompt = engine.encode("a dog")
+    params = dict(max_tokens=30, temperature=1.5, top_p=0.95, ignore_eos=True)
+    first = engine.generate(prompt, SamplingParams(seed=1, **params)).output_ids
+    assert engine.generate(prompt, SamplingParams(seed=1, **params)).output_ids == first
+    assert any(engine.generate(prompt, SamplingParams(seed=s, **params)).output_ids != first for s in (2, 3, 4))
+
+
+def test_beam_search_scores_at_least_greedy(engine: Engine) -> None:
+    prompt = engine.encode("the sun")
+    greedy = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=0, ignore_eos=True))
+    beam = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0, beam_width=4, length_penalty=1.0,
+                                                  early_stopping=False))
+    greedy_score = sum(t.logprob for t in greedy.logprobs) / len(greedy.output_ids)
+    assert beam.extra["beam_score"] >= greedy_score - 1e-6
+
+
+def test_continuous_batching_joins_and_leaves_at_step_boundaries(engine: Engine) -> None:
+    prompts = [engine.encode(t) for t in ("the cat", "a dog ran", "the sky", "blue", "the park is", "hot")]
+    lengths = [5, 17, 9, 23, 3, 12]
+    single = [engine.generate(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)).output_ids
+              for p, n in zip(prompts, lengths, strict=True)]
+    early = [engine.submit(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+             for p, n in zip(prompts[:3], lengths[:3], strict=True)]
+    for _ in range(4):
+        engine.step()  # the first three are running; the rest join while they decode
+    late = [engine.submit(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+            for p, n in zip(prompts[3:], lengths[3:], strict=True)]
+    engine.run_until_idle()
+    assert [r.output_ids for r in early + late] == single
+    assert [r.finish_reason for r in early + late] == ["length"] * 6
+
+
+def test_stops_echo_and_logprobs(engine: Engine) -> None:
+    prompt = engine.encode("the cat sat on")
+    free = engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    stop_text = free.text[5:8]
+    stopped = engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0, stop=(stop_text,),
+                                                     ignore_eos=True))
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[: free.text.index(stop_text)]
+    by_id = engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=(free.output_ids[3],),
+                                                   ignore_eos=True))
+    assert by_id.output_ids == free.output_ids[:3] and by_id.finish_reason == "stop"
+    echoed = engine.generate(prompt, SamplingParams(max_tokens=3, temperature=0, echo=True, logprobs=2))
+    assert echoed.prompt_logprobs[0] is None and len(echoed.prompt_logprobs) == len(prompt)
+    assert all(len(t.top) == 2 and t.top[0][2] >= t.logprob - 1e-6 for t in echoed.logprobs)
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    (SamplingParams(temperature=-1), "temperature"), (SamplingParams(top_p=0), "top_p"),
+    (SamplingParams(top_p=1.5), "top_p"), (SamplingParams(max_tokens=0), "max_tokens"),
+    (SamplingParams(max_tokens=200), "max_tokens"),
+])
+def test_bad_parameters_name_the_field(engine: Engine, params: SamplingParams, field: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        engine.submit(engine.encode("the cat"), params)
+    assert caught.value.param == field
+
+
+def test_safe_prefix_holds_back_partial_stops_and_utf8() -> None:
+    assert safe_prefix("hello wor", ("world",)) == "hello "
+    assert safe_prefix("abc\ufffd", ()) == "abc"
+    assert safe_prefix("plain", ("xyz",)) == "plain"
