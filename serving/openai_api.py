@@ -1,0 +1,138 @@
+"""OpenAI-compatible request schemas and response bodies (completions, chat completions, errors).
+
+Validation errors become HTTP 400 with an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`
+naming the field. A chat is rendered with a simple template: one `<|role|>\\ncontent` block per message and a
+final `<|assistant|>\\n`; generation stops at the next `<|` marker or end-of-text.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.sampling import SamplingParams
+
+CHAT_STOP = "\n<|"
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored, as vLLM does
+
+
+class CompletionRequest(OpenAIModel):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    stream: bool = False
+    ignore_eos: bool = False
+    # extension: beam search (as vLLM's `use_beam_search` / `best_of`)
+    use_beam_search: bool = False
+    best_of: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool = True
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class ChatCompletionRequest(OpenAIModel):
+    model: str
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    stream: bool = False
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def stops(value: str | list[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def completion_params(request: CompletionRequest, index: int) -> SamplingParams:
+    """Sampling parameters of choice `index` (seeds differ per choice so n > 1 gives different samples)."""
+    beam = request.best_of if request.use_beam_search and request.best_of else (4 if request.use_beam_search else 1)
+    return SamplingParams(
+        max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+        seed=None if request.seed is None else request.seed + index, stop=stops(request.stop),
+        stop_token_ids=tuple(request.stop_token_ids or ()), logprobs=request.logprobs, echo=request.echo,
+        beam_width=beam, length_penalty=request.length_penalty, early_stopping=request.early_stopping,
+        ignore_eos=request.ignore_eos)
+
+
+def chat_params(request: ChatCompletionRequest, index: int, context: int, prompt_tokens: int) -> SamplingParams:
+    limit = request.max_completion_tokens or request.max_tokens or max(1, min(256, context - prompt_tokens))
+    return SamplingParams(
+        max_tokens=limit, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+        seed=None if request.seed is None else request.seed + index, stop=(*stops(request.stop), CHAT_STOP),
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None)
+
+
+def render_chat(messages: list[ChatMessage]) -> str:
+    return "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages) + "<|assistant|>\n"
+
+
+def prompts_of(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A completion `prompt` as a list of prompts (each a string or token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def completion_logprobs(result: dict[str, Any], text_offset: int = 0) -> dict[str, Any]:
+    """OpenAI legacy `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
+    entries = [*result.get("prompt_logprobs", []), *result.get("logprobs", [])]
+    tokens, values, tops, offsets = [], [], [], []
+    offset = text_offset
+    for entry in entries:
+        tokens.append(entry["token"])
+        values.append(entry["logprob"])
+        tops.append({t: lp for _, t, lp in entry["top"]} if entry.get("top") is not None else None)
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def completion_body(model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
+                    ) -> dict[str, Any]:
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def chat_body(model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
+              ) -> dict[str, Any]:
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
