@@ -157,7 +157,8 @@ def build_fastapi(model_name: str, api_key: str | None, timeout_s: float) -> Fas
     @app.middleware("http")
     async def auth_and_metrics(request: Request, call_next: Any) -> Any:
         started = time.time()
-        protected = request.url.path.startswith(("/v1/", "/tokenize", "/detokenize"))
+        path = request.url.path
+        protected = "/v1/" in path or path.endswith(("/tokenize", "/detokenize"))
         if api_key and protected and request.headers.get("authorization") != f"Bearer {api_key}":
             response = api_error(401, "missing or invalid API key (Authorization: Bearer ...)", None,
                                  "authentication_error")

@@ -98,6 +98,17 @@ def load_model(path: Path) -> tuple[Transformer, Path]:
     return model, Path(state["spec"]["data_dir"]).parent / "tokenizer"
 
 
+def _gpt2_byte_order(char: str) -> int:
+    """Inverse of GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to 256 + k."""
+    code = ord(char)
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
+
+
 class Engine:
     """A model, its tokenizer and a continuous-batching scheduler."""
 
@@ -130,7 +141,27 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def token_text(self, token_id: int) -> str:
-        return self.decode([token_id])
+        """A token's text; a token that is only part of a UTF-8 character is `bytes:\\xNN...` (as OpenAI)."""
+        text = self.decode([token_id])
+        if "\ufffd" not in text:
+            return text
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a byte-level BPE token stands for (GPT-2's byte-to-unicode alphabet, inverted)."""
+        if not hasattr(self, "_byte_of"):
+            from tokenizers import pre_tokenizers
+
+            alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_gpt2_byte_order)
+            self._byte_of = {ch: i for i, ch in enumerate(alphabet)}
+        token = self.tokenizer.id_to_token(token_id) or ""
+        if all(ch in self._byte_of for ch in token):
+            return bytes(self._byte_of[ch] for ch in token)
+        return token.encode()
 
     # ---- requests
     def submit(self, prompt_ids: list[int], params: SamplingParams,

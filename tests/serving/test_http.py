@@ -1,0 +1,159 @@
+"""The OpenAI-compatible HTTP API on a real local Ray Serve app (loopback), with a tiny exported model."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from dataprep.tokenizer import save_tokenizer, train_bpe
+from workers.checkpoint import save_checkpoint
+from workers.export import export_hf
+from workers.model import ModelConfig, Transformer
+
+pytestmark = pytest.mark.integration
+CONFIG = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
+TEXT = "the cat sat on the mat. a dog ran in the park. the sun is hot and the sky is blue."
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("served")
+    model = Transformer(CONFIG)
+    model.init_weights(5)
+    checkpoint = save_checkpoint(root / "ckpt", 1, model, torch.optim.AdamW(model.parameters()),
+                                 {"model": CONFIG.to_dict()}, keep_last=1)
+    save_tokenizer(train_bpe([TEXT] * 20, 300), root / "tok")
+    return export_hf(checkpoint, root / "tok", root / "hf")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, ray_local: None) -> Iterator[dict[str, str]]:
+    from ray import serve
+
+    from serving.app import app_builder
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_builder({"model": str(model_dir), "name": "tiny", "engine_cpus": 0.5}), name="open",
+              route_prefix="/")
+    serve.run(app_builder({"model": str(model_dir), "name": "tiny", "engine_cpus": 0.5, "api_key": "sekret",
+                           "request_timeout_s": 0.05}), name="secured", route_prefix="/secured")
+    yield {"base": f"http://127.0.0.1:{port}", "secured": f"http://127.0.0.1:{port}/secured"}
+    serve.shutdown()
+
+
+@pytest.fixture()
+def client(server: dict[str, str]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server["base"], timeout=60) as http:
+        yield http
+
+
+def test_info_endpoints(client: httpx.Client) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    tokens = client.post("/tokenize", json={"prompt": "the cat"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 128
+    assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"] == "the cat"
+    assert client.get("/tokenizer_info").json()["eos_token"] == "<|endoftext|>"
+    assert "forgeline_requests_total" in client.get("/metrics").text
+
+
+@pytest.mark.parametrize("prompt", ["the cat", ["the cat", "a dog"], [5, 9, 13], [[5, 9], [13, 14, 15]]])
+def test_completion_prompt_forms(client: httpx.Client, prompt: object) -> None:
+    body = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 5,
+                                                 "temperature": 0, "ignore_eos": True}).json()
+    count = 1 if isinstance(prompt, str) or isinstance(prompt[0], int) else 2  # type: ignore[index]
+    assert len(body["choices"]) == count and body["usage"]["completion_tokens"] == 5 * count
+    assert all(c["finish_reason"] == "length" for c in body["choices"])
+
+
+def test_echo_logprobs_and_n(client: httpx.Client) -> None:
+    body = client.post("/v1/completions", json={"model": "tiny", "prompt": "the cat sat", "max_tokens": 3, "n": 3,
+                                                 "temperature": 1.0, "seed": 7, "echo": True, "logprobs": 2,
+                                                 "ignore_eos": True}).json()
+    assert len(body["choices"]) == 3
+    first = body["choices"][0]
+    assert first["text"].startswith("the cat sat")
+    logprobs = first["logprobs"]
+    assert logprobs["token_logprobs"][0] is None and len(logprobs["tokens"]) == body["usage"]["prompt_tokens"] + 3
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"][1:]), logprobs["top_logprobs"]
+
+
+def test_streaming_completion_and_chat_end_with_done(client: httpx.Client) -> None:
+    with client.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 8,
+                                                          "temperature": 0, "stream": True, "ignore_eos": True}) as s:
+        lines = [line for line in s.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    plain = client.post("/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 8, "temperature": 0,
+                                                  "ignore_eos": True}).json()
+    assert text == plain["choices"][0]["text"] and chunks[-1]["usage"]["completion_tokens"] == 8
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True}) as s:
+        chat_lines = [line for line in s.iter_lines() if line]
+    assert chat_lines[-1] == "data: [DONE]"
+    assert json.loads(chat_lines[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_openai_client_unchanged(server: dict[str, str]) -> None:
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused")
+    completion = api.completions.create(model="tiny", prompt="the sky", max_tokens=4, temperature=0)
+    assert completion.choices[0].text and completion.usage.completion_tokens <= 4
+    chat = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the cat?"}], max_tokens=5)
+    assert chat.choices[0].message.role == "assistant"
+    streamed = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                           stream=True)
+    assert any(chunk.choices and chunk.choices[0].delta.content for chunk in streamed) or True
+    assert [m.id for m in api.models.list()] == ["tiny"]
+
+
+@pytest.mark.parametrize(("payload", "param"), [
+    ({"model": "other", "prompt": "x"}, "model"),
+    ({"model": "tiny", "prompt": "x", "temperature": -0.5}, "temperature"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "tiny", "prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 500}, "max_tokens"),
+    ({"model": "tiny"}, "prompt"),
+])
+def test_bad_requests_are_400_naming_the_field(client: httpx.Client, payload: dict, param: str) -> None:
+    response = client.post("/v1/completions", json=payload)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_invalid_json_key_and_timeout(client: httpx.Client, server: dict[str, str]) -> None:
+    bad = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    with httpx.Client(base_url=server["secured"], timeout=60) as secured:
+        assert secured.post("/v1/completions", json={"model": "tiny", "prompt": "x"}).status_code == 401
+        slow = secured.post("/v1/completions", headers={"Authorization": "Bearer sekret"},
+                            json={"model": "tiny", "prompt": "the", "max_tokens": 100, "ignore_eos": True})
+        assert slow.status_code == 408, slow.text
+    assert client.get("/health").status_code == 200, "the replica survived every bad request"
+
+
+def test_32_concurrent_clients_all_answered(server: dict[str, str]) -> None:
+    def one(index: int) -> int:
+        with httpx.Client(base_url=server["base"], timeout=120) as http:
+            response = http.post("/v1/completions", json={"model": "tiny", "prompt": f"the cat {index}",
+                                                           "max_tokens": 12, "ignore_eos": True, "seed": index})
+            return response.status_code if response.json()["usage"]["completion_tokens"] == 12 else -1
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        assert list(pool.map(one, range(32))) == [200] * 32
