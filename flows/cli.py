@@ -167,6 +167,38 @@ def evaluate(
 
 
 @app.command()
+def serve(
+    config: ConfigArg,
+    model: Annotated[Path | None, typer.Option(help="pretrain stage, HF export or checkpoint (default: this run's)")]
+    = None,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    once: Annotated[bool, typer.Option("--once", help="answer one example request, then stop (the demo)")] = False,
+    address: AddressOpt = None,
+    local: LocalOpt = False,
+) -> None:
+    """Serve the model with Ray Serve: OpenAI-compatible API on 127.0.0.1 (runs earlier stages if needed)."""
+    import time
+
+    from flows.deploy import deploy_flow
+    from flows.pipeline import pipeline_flow
+
+    cfg = _load(config, address, local)
+    target = model or Path(_run(pipeline_flow, cfg, "pretrain")["pretrain"]["path"])
+    result = _run(deploy_flow, cfg, str(target), port, True)
+    typer.echo(f"serving {target} at {result['url']} (OpenAI API: {result['url']}/v1, docs: {result['url']}/docs)")
+    typer.echo(f"$ {result['curl']}")
+    typer.echo(json.dumps(result["answer"], indent=2))
+    if once:
+        return
+    typer.echo("Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
 def plan(
     model: Annotated[str, typer.Option(help="preset: tiny, small, 125m, 350m, 760m, 1b")] = "1b",
     gpus: Annotated[int, typer.Option(min=1)] = 8,
