@@ -157,3 +157,34 @@ def test_32_concurrent_clients_all_answered(server: dict[str, str]) -> None:
 
     with ThreadPoolExecutor(max_workers=32) as pool:
         assert list(pool.map(one, range(32))) == [200] * 32
+
+
+def test_lm_evaluation_harness_local_completions(server: dict[str, str], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """EleutherAI's harness, unchanged, against our server: a loglikelihood and a generate_until task."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    rows = [{"question": f"the {w} sat on the", "choices": ["mat", "sky"], "label": 0, "answer": "mat"}
+            for w in ("cat", "dog", "sun", "park")]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
+              "test_split: test\ndoc_to_text: '{{question}}'\n")
+    (tmp_path / "tiny_choice.yaml").write_text(
+        "task: tiny_choice\noutput_type: multiple_choice\n" + common +
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    (tmp_path / "tiny_gen.yaml").write_text(
+        "task: tiny_gen\noutput_type: generate_until\n" + common +
+        "doc_to_target: '{{answer}}'\ngeneration_kwargs:\n  until: ['.']\n  max_gen_toks: 4\n"
+        "metric_list:\n  - metric: exact_match\n")
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=f"model=tiny,base_url={server['base']}/v1/completions,tokenizer_backend=remote,"
+                   "num_concurrent=1,max_retries=1",
+        tasks=["tiny_choice", "tiny_gen"], task_manager=TaskManager(include_path=str(tmp_path)),
+        limit=4, log_samples=False)
+    assert 0.0 <= results["results"]["tiny_choice"]["acc,none"] <= 1.0
+    assert "exact_match,none" in results["results"]["tiny_gen"]

@@ -1,0 +1,165 @@
+"""Benchmark: decoding and serving, all figures from the same run on the same weights.
+
+1. KV cache vs recomputation: greedy batch-1 decode of 128 and 512 new tokens with our engine (KV cache)
+   and with a loop that recomputes the whole sequence every step.
+2. Ours vs Hugging Face `transformers` `generate` (greedy, batch 1, its own KV cache) on the same exported
+   weights (`workers.export` → `AutoModelForCausalLM`).
+3. Served: the Ray Serve app on loopback, 1, 4 and 16 concurrent clients each sending requests of
+   `--served-tokens` new tokens: throughput (generated tokens/s) and p50/p99 latency per request.
+
+The model is the `small` preset shape (random weights, 8,192 vocabulary, context 1,024: about 16 M parameters).
+
+    .venv/bin/python benchmarks/serve.py [--threads 2] [--served-requests 8]
+
+Last line: {"benchmark": "serve", "metrics": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from dataprep.tokenizer import EOT_TOKEN, save_tokenizer, train_bpe  # noqa: E402
+from serving.engine import Engine  # noqa: E402
+from serving.sampling import SamplingParams  # noqa: E402
+from workers.checkpoint import save_checkpoint  # noqa: E402
+from workers.export import export_hf  # noqa: E402
+from workers.model import Transformer, model_config, parameter_count  # noqa: E402
+
+
+def build(work: Path) -> tuple[Path, Engine]:
+    from dataprep.prose import reference_articles
+
+    texts = [" ".join(a.paragraphs) for a in reference_articles(set())]
+    tokenizer = train_bpe(texts, 8192)
+    save_tokenizer(tokenizer, work / "tok")
+    config = model_config("small", vocab_size=tokenizer.get_vocab_size(), max_seq_len=1024)
+    model = Transformer(config)
+    model.init_weights(0)
+    checkpoint = save_checkpoint(work / "ckpt", 1, model, torch.optim.AdamW(model.parameters()),
+                                 {"model": config.to_dict()}, keep_last=1)
+    hf_dir = export_hf(checkpoint, work / "tok", work / "hf")
+    return hf_dir, Engine.load(hf_dir, name="bench")
+
+
+def ours(engine: Engine, prompt: list[int], tokens: int) -> float:
+    started = time.perf_counter()
+    result = engine.generate(prompt, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+    assert len(result.output_ids) == tokens
+    return tokens / (time.perf_counter() - started)
+
+
+def recompute(engine: Engine, prompt: list[int], tokens: int) -> float:
+    sequence = list(prompt)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(tokens):
+            sequence.append(int(engine.model(torch.tensor([sequence]))[0, -1].argmax()))
+    return tokens / (time.perf_counter() - started)
+
+
+def hf_generate(hf_dir: Path, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
+        started = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return tokens / (time.perf_counter() - started), out[0, len(prompt):].tolist()
+
+
+def served(hf_dir: Path, clients_list: list[int], requests_per_client: int, tokens: int) -> dict[str, dict]:
+    import httpx
+    from ray import serve
+
+    from serving.app import app_builder
+    from workers.ray_runtime import init_ray
+
+    init_ray(None, temp_dir=Path(tempfile.gettempdir()) / "fl-bench-ray", num_cpus=os.cpu_count())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_builder({"model": str(hf_dir), "name": "bench", "max_batch": 16, "engine_cpus": 1}),
+              name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    results = {}
+    for clients in clients_list:
+        def one_client(index: int, count: int = requests_per_client) -> list[float]:
+            latencies = []
+            with httpx.Client(timeout=600) as http:
+                for request in range(count):
+                    started = time.perf_counter()
+                    body = http.post(url, json={"model": "bench", "prompt": f"The value {index} {request}",
+                                                "max_tokens": tokens, "temperature": 0, "ignore_eos": True}).json()
+                    assert body["usage"]["completion_tokens"] == tokens
+                    latencies.append(time.perf_counter() - started)
+            return latencies
+
+        one_client(0, 1)  # warm-up
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            latencies = sorted(x for part in pool.map(one_client, range(clients)) for x in part)
+        wall = time.perf_counter() - started
+        results[str(clients)] = {
+            "tokens_per_s": round(len(latencies) * tokens / wall, 1),
+            "p50_s": round(statistics.median(latencies), 3),
+            "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+            "requests": len(latencies)}
+        print(f"served, {clients:2d} clients: {results[str(clients)]}")
+    serve.shutdown()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--served-requests", type=int, default=6, help="requests per client")
+    parser.add_argument("--served-tokens", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as work:
+        hf_dir, engine = build(Path(work))
+        params = parameter_count(engine.config)["total"]
+        prompt = engine.encode("The for statement is used to iterate over the elements of a sequence")
+        ours(engine, prompt, 16)  # warm-up
+        metrics: dict[str, object] = {"parameters": params, "threads": args.threads,
+                                      "eos_token": engine.tokenizer.token_to_id(EOT_TOKEN)}
+        for tokens in (128, 512):
+            cached, full = ours(engine, prompt, tokens), recompute(engine, prompt, tokens)
+            metrics[f"kv_tokens_per_s_{tokens}"] = round(cached, 1)
+            metrics[f"recompute_tokens_per_s_{tokens}"] = round(full, 1)
+            metrics[f"kv_speedup_{tokens}"] = round(cached / full, 2)
+            print(f"{tokens} new tokens: KV cache {cached:,.0f} tok/s, recompute {full:,.0f} tok/s "
+                  f"({cached / full:.1f}x)")
+        hf_speed, hf_tokens = hf_generate(hf_dir, prompt, 256)
+        our_speed = ours(engine, prompt, 256)
+        same = engine.generate(prompt, SamplingParams(max_tokens=256, temperature=0, ignore_eos=True)).output_ids
+        metrics.update({"ours_tokens_per_s_256": round(our_speed, 1), "hf_generate_tokens_per_s_256": round(hf_speed, 1),
+                        "vs_hf": round(our_speed / hf_speed, 2),
+                        "greedy_tokens_equal_hf": sum(a == b for a, b in zip(same, hf_tokens, strict=False))})
+        print(f"256 new tokens: ours {our_speed:,.0f} tok/s, transformers generate {hf_speed:,.0f} tok/s "
+              f"({our_speed / hf_speed:.2f}x); greedy tokens equal for {metrics['greedy_tokens_equal_hf']}/256")
+        serving = served(hf_dir, [1, 4, 16], args.served_requests, args.served_tokens)
+        metrics["served"] = serving
+        metrics["served_16_vs_1"] = round(serving["16"]["tokens_per_s"] / serving["1"]["tokens_per_s"], 2)
+    print(json.dumps({"benchmark": "serve", "metrics": metrics}))
+
+
+if __name__ == "__main__":
+    main()
