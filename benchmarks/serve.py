@@ -150,8 +150,8 @@ def main() -> None:
         hf_speed, hf_tokens = hf_generate(hf_dir, prompt, 256)
         our_speed = ours(engine, prompt, 256)
         same = engine.generate(prompt, SamplingParams(max_tokens=256, temperature=0, ignore_eos=True)).output_ids
-        metrics.update({"ours_tokens_per_s_256": round(our_speed, 1), "hf_generate_tokens_per_s_256": round(hf_speed, 1),
-                        "vs_hf": round(our_speed / hf_speed, 2),
+        metrics.update({"ours_tokens_per_s_256": round(our_speed, 1),
+                        "hf_generate_tokens_per_s_256": round(hf_speed, 1), "vs_hf": round(our_speed / hf_speed, 2),
                         "greedy_tokens_equal_hf": sum(a == b for a, b in zip(same, hf_tokens, strict=False))})
         print(f"256 new tokens: ours {our_speed:,.0f} tok/s, transformers generate {hf_speed:,.0f} tok/s "
               f"({our_speed / hf_speed:.2f}x); greedy tokens equal for {metrics['greedy_tokens_equal_hf']}/256")
