@@ -32,14 +32,13 @@ from serving.engine import Request as EngineRequest
 from serving.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
-    chat_body,
     chat_params,
-    completion_body,
     completion_logprobs,
     completion_params,
     error_body,
     prompts_of,
     render_chat,
+    response_body,
 )
 from serving.sampling import RequestError, SamplingParams
 
@@ -267,9 +266,10 @@ def build_fastapi(model_name: str, api_key: str | None, timeout_s: float) -> Fas
             if body.logprobs is not None:
                 choice["logprobs"] = completion_logprobs(result)
             choices.append(choice)
-        tokens_total.inc(sum(r["completion_tokens"] for r in results))
         prompt_tokens = sum(r["prompt_tokens"] for r in results[:: body.n])
-        return completion_body(model_name, choices, prompt_tokens, sum(r["completion_tokens"] for r in results))
+        completion_tokens = sum(r["completion_tokens"] for r in results)
+        tokens_total.inc(completion_tokens)
+        return response_body("completion", model_name, choices, prompt_tokens, completion_tokens)
 
     async def merged(jobs: list[tuple[str | list[int], SamplingParams]]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
         """Events of several streams as they come, tagged with the choice index."""
@@ -340,7 +340,7 @@ def build_fastapi(model_name: str, api_key: str | None, timeout_s: float) -> Fas
             choices.append(choice)
         completion_tokens = sum(r["completion_tokens"] for r in results)
         tokens_total.inc(completion_tokens)
-        return chat_body(model_name, choices, len(prompt_ids), completion_tokens)
+        return response_body("chat", model_name, choices, len(prompt_ids), completion_tokens)
 
     async def stream_chat(jobs: list[Any]) -> AsyncIterator[str]:
         ident, created = f"chatcmpl-{time.time_ns()}", int(time.time())

@@ -122,17 +122,14 @@ def completion_logprobs(result: dict[str, Any], text_offset: int = 0) -> dict[st
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def completion_body(model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
-                    ) -> dict[str, Any]:
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": model, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+RESPONSE_KINDS = {"completion": ("cmpl", "text_completion"), "chat": ("chatcmpl", "chat.completion")}
 
 
-def chat_body(model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
-              ) -> dict[str, Any]:
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+def response_body(kind: str, model: str, choices: list[dict[str, Any]], prompt_tokens: int,
+                  completion_tokens: int) -> dict[str, Any]:
+    """A non-streaming completion (`kind` "completion") or chat completion ("chat") body with usage."""
+    prefix, name = RESPONSE_KINDS[kind]
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": name, "created": int(time.time()),
             "model": model, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
