@@ -127,6 +127,15 @@ def timings(started: float) -> dict[str, Any]:
             "finished_at": datetime.now(UTC).isoformat(), "seconds": round(time.time() - started, 3)}
 
 
+def stage_manifest(stage: StageDir, name: str, code_version: str, config: dict[str, Any], upstream: StageDir,
+                   outputs: dict[str, Any], stats: dict[str, Any], started: float) -> dict[str, Any]:
+    """The manifest of a stage that reads one upstream stage (every stage after ingest)."""
+    return {"stage": name, "name": stage.name, "path": str(stage.path), "hash": stage.digest,
+            "code_version": code_version, "config": config,
+            "inputs": [{"stage": upstream.name, "path": str(upstream.path)}],
+            "outputs": outputs, "stats": stats, "timings": timings(started)}
+
+
 def stage_task_options(config: RunConfig) -> dict[str, Any]:
     """Prefect retry options for a stage's compute task (a retry resumes per shard)."""
     return {"retries": config.orchestration.task_retries,

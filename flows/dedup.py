@@ -19,8 +19,8 @@ from flows.common import (
     completed_stage_result,
     connect_ray,
     publish_artifact,
+    stage_manifest,
     stage_task_options,
-    timings,
 )
 from flows.config import RunConfig
 from workers.dedup import run_dedup
@@ -83,22 +83,13 @@ def dedup_flow(config: RunConfig, upstream_path: str) -> dict[str, Any]:
     stage.prepare()
     runner = dedup_task.with_options(**stage_task_options(config))
     stats = runner(config, str(upstream.path), str(stage.path))
-    manifest = {
-        "stage": STAGE,
-        "name": stage.name,
-        "path": str(stage.path),
-        "hash": stage.digest,
-        "code_version": f"{package_version()}/{CODE_VERSION}",
-        "config": dedup_params(config),
-        "inputs": [{"stage": upstream.name, "path": str(upstream.path)}],
-        "outputs": {
-            "data": {"path": DATA_DIR, "schema": schema_to_json(DOCUMENT_SCHEMA), "rows": stats["records_out"]},
-            "duplicates": {"path": DUPLICATES_FILE, "schema": schema_to_json(DUPLICATES_SCHEMA),
-                           "rows": sum(stats["dropped"].values())},
-        },
-        "stats": stats,
-        "timings": timings(started),
+    outputs = {
+        "data": {"path": DATA_DIR, "schema": schema_to_json(DOCUMENT_SCHEMA), "rows": stats["records_out"]},
+        "duplicates": {"path": DUPLICATES_FILE, "schema": schema_to_json(DUPLICATES_SCHEMA),
+                       "rows": sum(stats["dropped"].values())},
     }
+    manifest = stage_manifest(stage, STAGE, f"{package_version()}/{CODE_VERSION}", dedup_params(config), upstream,
+                              outputs, stats, started)
     stage.publish(manifest)
     publish_artifact(manifest)
     logger.info("dedup: published %s (%d → %d documents)", stage.path, stats["records_in"], stats["records_out"])

@@ -31,7 +31,7 @@ from dataprep.eval_report import RESULT_SCHEMA, metrics_png, summary_markdown
 from dataprep.eval_tasks import TaskError, load_task
 from dataprep.shards import atomic_write_json, publish_table
 from dataprep.stage import StageDir, package_version, stage_hash
-from flows.common import connect_ray, timings
+from flows.common import connect_ray, stage_manifest
 from flows.config import RunConfig, load_config
 from workers.checkpoint import complete_checkpoints
 from workers.evaluate import evaluate_checkpoint_task
@@ -131,14 +131,10 @@ def refresh_outputs(config: RunConfig, stage: StageDir, load_errors: list[dict[s
 
 
 def _publish(config: RunConfig, stage: StageDir, pretrain: StageDir, stats: dict[str, Any], started: float) -> None:
-    manifest = {
-        "stage": STAGE, "name": stage.name, "path": str(stage.path), "hash": stage.digest,
-        "code_version": f"{package_version()}/{CODE_VERSION}", "config": config.evaluate.model_dump(mode="json"),
-        "inputs": [{"stage": pretrain.name, "path": str(pretrain.path)}],
-        "outputs": {"results": RESULTS_FILE, "per_checkpoint": RESULTS_DIR, "plot": METRICS_PNG},
-        "stats": {k: v for k, v in stats.items() if k != "table"},
-        "timings": timings(started),
-    }
+    outputs = {"results": RESULTS_FILE, "per_checkpoint": RESULTS_DIR, "plot": METRICS_PNG}
+    manifest = stage_manifest(stage, STAGE, f"{package_version()}/{CODE_VERSION}",
+                              config.evaluate.model_dump(mode="json"), pretrain, outputs,
+                              {k: v for k, v in stats.items() if k != "table"}, started)
     stage.publish(manifest)
 
 
@@ -184,6 +180,9 @@ def evaluate_checkpoint_flow(config_path: str, checkpoint: str) -> dict[str, Any
     """One checkpoint (the deployment triggered by `forgeline.checkpoint.saved`); skipped if already done."""
     config = load_config(config_path)
     path = Path(checkpoint)
+    if not path.is_dir():  # announced, then pruned by `pretrain.keep_last` before this run started
+        get_run_logger().warning("checkpoint %s is gone (pruned by pretrain.keep_last); nothing to evaluate", path)
+        return {"path": None, "skipped": True, "reason": f"checkpoint {path} no longer exists"}
     pretrain = StageDir(path.parent.parent)
     tasks, load_errors = load_tasks(config)
     stage = evaluate_stage(config, pretrain, tasks)

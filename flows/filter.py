@@ -15,7 +15,13 @@ from dataprep.filtering import REMOVED_DIR, load_resources, merge_shard_stats
 from dataprep.funnel import funnel_markdown, funnel_png
 from dataprep.ingest import DATA_DIR
 from dataprep.stage import StageDir, package_version, stage_hash
-from flows.common import complete_upstream, completed_stage_result, connect_ray, stage_task_options, timings
+from flows.common import (
+    complete_upstream,
+    completed_stage_result,
+    connect_ray,
+    stage_manifest,
+    stage_task_options,
+)
 from flows.config import RunConfig
 from workers.filter import run_filter
 
@@ -86,16 +92,11 @@ def filter_flow(config: RunConfig, upstream_path: str) -> dict[str, Any]:
     stage.prepare()
     stats = filter_task.with_options(**stage_task_options(config))(config, str(upstream.path), str(stage.path))
     funnel_png(stats, stage.path / FUNNEL_PNG, f"filter funnel: {config.name}")
-    manifest = {
-        "stage": STAGE, "name": stage.name, "path": str(stage.path), "hash": stage.digest,
-        "code_version": f"{package_version()}/{CODE_VERSION}", "config": filter_params(config),
-        "inputs": [{"stage": upstream.name, "path": str(upstream.path)}],
-        "outputs": {"data": {"path": DATA_DIR, "rows": stats["records_out"]},
-                    "removed": {"path": REMOVED_DIR, "rows": stats["records_in"] - stats["records_out"]},
-                    "funnel": {"path": FUNNEL_PNG}},
-        "stats": stats,
-        "timings": timings(started),
-    }
+    outputs = {"data": {"path": DATA_DIR, "rows": stats["records_out"]},
+               "removed": {"path": REMOVED_DIR, "rows": stats["records_in"] - stats["records_out"]},
+               "funnel": {"path": FUNNEL_PNG}}
+    manifest = stage_manifest(stage, STAGE, f"{package_version()}/{CODE_VERSION}", filter_params(config), upstream,
+                              outputs, stats, started)
     stage.publish(manifest)
     publish_funnel(manifest)
     logger.info("filter: published %s (%d → %d documents)", stage.path, stats["records_in"], stats["records_out"])

@@ -26,9 +26,16 @@ from prefect.events import emit_event
 from dataprep.curves import loss_curve_png, read_metrics
 from dataprep.packing import read_index
 from dataprep.stage import StageDir, package_version, stage_hash
-from flows.common import FAULT_ENV, complete_upstream, completed_stage_result, connect_ray, publish_artifact, timings
+from flows.common import (
+    FAULT_ENV,
+    complete_upstream,
+    completed_stage_result,
+    connect_ray,
+    publish_artifact,
+    stage_manifest,
+)
 from flows.config import PretrainConfig, RunConfig
-from workers.checkpoint import complete_checkpoints, latest_checkpoint, read_state
+from workers.checkpoint import complete_checkpoints, latest_checkpoint, read_journal, read_state
 from workers.model import ModelConfig, model_config, parameter_count
 from workers.pretrain import CHECKPOINTS_DIR, METRICS_FILE, TrainSpec
 from workers.tokenize import TOKENIZER_DIR, TOKENS_DIR
@@ -87,19 +94,18 @@ def pretrain_params(config: RunConfig, spec: TrainSpec) -> dict[str, Any]:
 
 
 def emit_checkpoint_events(stage: StageDir, seen: set[str]) -> None:
-    """One Prefect event per complete checkpoint not announced yet."""
-    for path in complete_checkpoints(stage.path / CHECKPOINTS_DIR):
-        if path.name in seen:
+    """One Prefect event per checkpoint in the save journal not announced yet (pruned ones too)."""
+    for entry in read_journal(stage.path / CHECKPOINTS_DIR):
+        path, step, metrics = entry["path"], entry["step"], entry.get("metrics", {})
+        if path in seen:
             continue
-        seen.add(path.name)
-        state = read_state(path)
-        metrics = state.get("metrics", {})
+        seen.add(path)
         emit_event(event=CHECKPOINT_EVENT,
-                   resource={"prefect.resource.id": f"forgeline.checkpoint.{stage.name}.{state['step']}",
-                             "forgeline.path": str(path)},
-                   payload={"step": state["step"], "path": str(path), "stage": stage.name,
+                   resource={"prefect.resource.id": f"forgeline.checkpoint.{stage.name}.{step}",
+                             "forgeline.path": path},
+                   payload={"step": step, "path": path, "stage": stage.name, "on_disk": Path(path).is_dir(),
                             "loss": metrics.get("loss"), "val_loss": metrics.get("val_loss")})
-        get_run_logger().info("checkpoint %s (step %d) → event %s", path, state["step"], CHECKPOINT_EVENT)
+        get_run_logger().info("checkpoint %s (step %d) → event %s", path, step, CHECKPOINT_EVENT)
 
 
 def fit(config: RunConfig, spec: TrainSpec, stage: StageDir) -> None:
@@ -186,14 +192,9 @@ def pretrain_flow(config: RunConfig, tokenize_path: str) -> dict[str, Any]:
     stats = pretrain_stats(stage, spec, index)
     loss_curve_png(read_metrics(stage.path / METRICS_FILE), stage.path / LOSS_PNG, f"pretrain: {config.name}",
                    index["unigram_val_loss"])
-    manifest = {
-        "stage": STAGE, "name": stage.name, "path": str(stage.path), "hash": stage.digest, "code_version": code,
-        "config": pretrain_params(config, spec), "inputs": [{"stage": upstream.name, "path": str(upstream.path)}],
-        "outputs": {"checkpoints": {"path": CHECKPOINTS_DIR, "latest": latest.name}, "metrics": METRICS_FILE,
-                    "loss_curve": LOSS_PNG, "hf": HF_DIR},
-        "stats": stats,
-        "timings": timings(started),
-    }
+    outputs = {"checkpoints": {"path": CHECKPOINTS_DIR, "latest": latest.name}, "metrics": METRICS_FILE,
+               "loss_curve": LOSS_PNG, "hf": HF_DIR}
+    manifest = stage_manifest(stage, STAGE, code, pretrain_params(config, spec), upstream, outputs, stats, started)
     stage.publish(manifest)
     publish_artifact(manifest)
     get_run_logger().info("pretrain: %s: val loss %s vs unigram %s", stage.path, stats["final_val_loss"],

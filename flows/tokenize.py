@@ -27,8 +27,8 @@ from flows.common import (
     completed_stage_result,
     connect_ray,
     publish_artifact,
+    stage_manifest,
     stage_task_options,
-    timings,
 )
 from flows.config import RunConfig
 from workers.tokenize import (
@@ -132,13 +132,8 @@ def tokenize_flow(config: RunConfig, upstream_path: str) -> dict[str, Any]:
                                                                        str(stage.path))
     shutil.rmtree(stage.path / STREAMS_DIR, ignore_errors=True)
     stats = tokenize_stats(index)
-    manifest = {
-        "stage": STAGE, "name": stage.name, "path": str(stage.path), "hash": stage.digest, "code_version": code,
-        "config": tokenize_params(config), "inputs": [{"stage": upstream.name, "path": str(upstream.path)}],
-        "outputs": {"tokenizer": {"path": TOKENIZER_DIR}, "tokens": {"path": TOKENS_DIR, "index": "index.json"}},
-        "stats": stats,
-        "timings": timings(started),
-    }
+    outputs = {"tokenizer": {"path": TOKENIZER_DIR}, "tokens": {"path": TOKENS_DIR, "index": "index.json"}}
+    manifest = stage_manifest(stage, STAGE, code, tokenize_params(config), upstream, outputs, stats, started)
     stage.publish(manifest)
     publish_artifact(manifest)
     get_run_logger().info("tokenize: %s: %d train + %d held-out windows of %d tokens", stage.path,

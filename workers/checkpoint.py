@@ -9,6 +9,9 @@ A checkpoint `<root>/step-<8 digits>/` holds:
 
 Every rank writes into `<root>/.tmp-step-<n>/`; after a barrier rank 0 writes `train_state.json` and renames
 the directory into place, so a crash mid-save leaves only a temp directory that the next save removes.
+Right after publishing, rank 0 appends a line to `<root>/saved.jsonl` (step, path, metrics): the journal of
+every checkpoint saved, kept when `keep_last` later prunes the directory, so a watcher polling now and then
+announces every checkpoint, not only those still on disk when it looks.
 The last `keep_last` checkpoints are kept. `root` must be shared by all ranks (a local disk on one node,
 NFS or a mounted bucket on a cluster).
 """
@@ -34,6 +37,7 @@ from dataprep.shards import atomic_write_json
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "train_state.json"
+JOURNAL_FILE = "saved.jsonl"
 
 
 class CheckpointMismatch(ValueError):
@@ -105,12 +109,37 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         atomic_write_json(tmp / STATE_FILE, {**train_state, "step": step})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        append_journal(root, final, {**train_state, "step": step})
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
+
+
+def append_journal(root: Path, checkpoint: Path, train_state: dict[str, Any]) -> None:
+    """One line per saved checkpoint, appended (single writer: rank 0) and flushed to disk."""
+    line = json.dumps({"step": train_state["step"], "path": str(checkpoint),
+                       "metrics": train_state.get("metrics", {})}) + "\n"
+    with open(root / JOURNAL_FILE, "a", encoding="utf-8") as journal:
+        journal.write(line)
+        journal.flush()
+        os.fsync(journal.fileno())
+
+
+def read_journal(root: Path) -> list[dict[str, Any]]:
+    """Every checkpoint saved under `root`, in save order (a torn last line from a crash is skipped)."""
+    path = root / JOURNAL_FILE
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
 
 
 def check_compatible(checkpoint: Path, model_config: dict[str, Any]) -> dict[str, Any]:

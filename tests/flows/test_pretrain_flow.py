@@ -19,6 +19,7 @@ import pytest
 from dataprep.curves import read_metrics
 from flows.config import RunConfig, parse_config
 from tests.conftest import REPO_ROOT, reference_documents, write_corpus_stage
+from workers.checkpoint import complete_checkpoints, read_journal
 
 pytestmark = pytest.mark.integration
 COMPARED = ("loss", "grad_norm", "lr", "val_loss")
@@ -72,7 +73,8 @@ def test_pretrain_learns_checkpoints_and_exports(reference_run: dict[str, Any]) 
     assert sum(r["loss"] for r in rows[-4:]) / 4 < rows[0]["loss"] - 0.5, "loss decreases"
     assert stats["final_val_loss"] < stats["unigram_val_loss"]
     checkpoints = sorted(p.name for p in (stage / "checkpoints").iterdir())
-    assert checkpoints == ["step-00000016", "step-00000024"]  # keep_last 2
+    assert checkpoints == ["saved.jsonl", "step-00000016", "step-00000024"]  # keep_last 2, and the save journal
+    assert [e["step"] for e in read_journal(stage / "checkpoints")] == [0, 8, 16, 24]
     shards = list((stage / "checkpoints" / "step-00000024").glob("*.distcp"))
     assert len(shards) == 2, "one DCP shard file per rank"
     assert (stage / "loss.png").stat().st_size > 1000
@@ -81,14 +83,17 @@ def test_pretrain_learns_checkpoints_and_exports(reference_run: dict[str, Any]) 
 
 def test_checkpoint_events_reach_prefect(reference_run: dict[str, Any]) -> None:
     from prefect import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
     stage_name = Path(reference_run["trained"]["path"]).name
+    this_stage = EventFilter(event=EventNameFilter(name=["forgeline.checkpoint.saved"]),  # other tests emit more
+                             resource=EventResourceFilter(id_prefix=[f"forgeline.checkpoint.{stage_name}."]))
     deadline, steps = time.time() + 30, set()
     while time.time() < deadline and steps != {0, 8, 16, 24}:
         with get_client(sync_client=True) as client:
-            page = client.read_events(EventFilter(event=EventNameFilter(name=["forgeline.checkpoint.saved"])), limit=50)
-        steps = {e.payload["step"] for e in page.events if e.payload.get("stage") == stage_name}
+            page = client.read_events(this_stage, limit=50)
+        steps = {e.payload["step"] for e in page.events
+                 if e.payload["path"].startswith(reference_run["trained"]["path"] + "/")}
         time.sleep(0.5)
     assert steps == {0, 8, 16, 24}  # step 0: the initialised model (checkpoint_initial)
 
@@ -115,7 +120,7 @@ def test_worker_killed_mid_training_resumes_bit_identically(reference_run: dict[
 
 
 def test_torchrun_gives_the_same_losses_as_ray_train(reference_run: dict[str, Any], tmp_path: Path) -> None:
-    state = json.loads(sorted((Path(reference_run["trained"]["path"]) / "checkpoints").iterdir())[-1]
+    state = json.loads(complete_checkpoints(Path(reference_run["trained"]["path"]) / "checkpoints")[-1]
                        .joinpath("train_state.json").read_text())
     spec = {**state["spec"], "out_dir": str(tmp_path / "torchrun"), "fault_step": None}
     (tmp_path / "spec.json").write_text(json.dumps(spec))

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from dataprep.tokenizer import save_tokenizer, train_bpe
-from workers.checkpoint import CheckpointMismatch, check_compatible, load_full_model, save_checkpoint
+from workers.checkpoint import (
+    CheckpointMismatch,
+    check_compatible,
+    complete_checkpoints,
+    load_full_model,
+    read_journal,
+    save_checkpoint,
+)
 from workers.export import export_hf
 from workers.model import PRESETS, KVCache, ModelConfig, Transformer, flops_per_token, parameter_count
 
@@ -74,3 +81,16 @@ def test_checkpoint_round_trip_and_shape_mismatch(tmp_path: Path) -> None:
     check_compatible(checkpoint, SMALL.to_dict())
     with pytest.raises(CheckpointMismatch, match="dim: checkpoint 64 vs config 96"):
         check_compatible(checkpoint, replace(SMALL, dim=96).to_dict())
+
+
+def test_journal_keeps_checkpoints_that_keep_last_pruned(tmp_path: Path) -> None:
+    model = Transformer(SMALL)
+    optimizer = torch.optim.AdamW(model.parameters())
+    root = tmp_path / "ckpt"
+    for step in (0, 8, 16, 24):
+        save_checkpoint(root, step, model, optimizer, {"model": SMALL.to_dict(), "metrics": {"loss": step}}, 2)
+    assert [p.name for p in complete_checkpoints(root)] == ["step-00000016", "step-00000024"]
+    assert [(e["step"], e["metrics"]["loss"]) for e in read_journal(root)] == [(0, 0), (8, 8), (16, 16), (24, 24)]
+    with open(root / "saved.jsonl", "a") as journal:
+        journal.write('{"step": 32, "pa')  # a crash mid-line
+    assert len(read_journal(root)) == 4
