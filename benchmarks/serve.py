@@ -70,17 +70,22 @@ def recompute(engine: Engine, prompt: list[int], tokens: int) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def hf_generate(hf_dir: Path, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
+def hf_generate(model: object, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        started = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,  # type: ignore
+                             eos_token_id=None, pad_token_id=0)
+    return tokens / (time.perf_counter() - started), out[0, len(prompt):].tolist()
+
+
+def load_hf(hf_dir: Path) -> object:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    ids = torch.tensor([prompt])
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
-        started = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return tokens / (time.perf_counter() - started), out[0, len(prompt):].tolist()
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
+    return model
 
 
 def served(hf_dir: Path, clients_list: list[int], requests_per_client: int, tokens: int) -> dict[str, dict]:
@@ -95,7 +100,8 @@ def served(hf_dir: Path, clients_list: list[int], requests_per_client: int, toke
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder({"model": str(hf_dir), "name": "bench", "max_batch": 16, "engine_cpus": 1}),
+    serve.run(app_builder({"model": str(hf_dir), "name": "bench", "max_batch": 16, "engine_cpus": 1,
+                          "access_log": False}),
               name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/completions"
     results = {}
@@ -140,21 +146,29 @@ def main() -> None:
         ours(engine, prompt, 16)  # warm-up
         metrics: dict[str, object] = {"parameters": params, "threads": args.threads,
                                       "eos_token": engine.tokenizer.token_to_id(EOT_TOKEN)}
-        for tokens in (128, 512):
-            cached, full = ours(engine, prompt, tokens), recompute(engine, prompt, tokens)
+        for tokens in (128, 512):  # ours: median of 5 runs (this VM's memory bandwidth wanders)
+            cached, full = statistics.median(ours(engine, prompt, tokens) for _ in range(5)), \
+                recompute(engine, prompt, tokens)
             metrics[f"kv_tokens_per_s_{tokens}"] = round(cached, 1)
             metrics[f"recompute_tokens_per_s_{tokens}"] = round(full, 1)
             metrics[f"kv_speedup_{tokens}"] = round(cached / full, 2)
             print(f"{tokens} new tokens: KV cache {cached:,.0f} tok/s, recompute {full:,.0f} tok/s "
                   f"({cached / full:.1f}x)")
-        hf_speed, hf_tokens = hf_generate(hf_dir, prompt, 256)
-        our_speed = ours(engine, prompt, 256)
+        hf_model = load_hf(hf_dir)
+        our_runs, hf_runs = [], []
+        for _ in range(3):  # interleaved, so both see the same machine state; medians compared
+            our_runs.append(ours(engine, prompt, 256))
+            hf_speed, hf_tokens = hf_generate(hf_model, prompt, 256)
+            hf_runs.append(hf_speed)
+        our_speed, hf_speed = statistics.median(our_runs), statistics.median(hf_runs)
         same = engine.generate(prompt, SamplingParams(max_tokens=256, temperature=0, ignore_eos=True)).output_ids
         metrics.update({"ours_tokens_per_s_256": round(our_speed, 1),
                         "hf_generate_tokens_per_s_256": round(hf_speed, 1), "vs_hf": round(our_speed / hf_speed, 2),
+                        "vs_hf_runs": [round(a / b, 2) for a, b in zip(our_runs, hf_runs, strict=True)],
                         "greedy_tokens_equal_hf": sum(a == b for a, b in zip(same, hf_tokens, strict=False))})
         print(f"256 new tokens: ours {our_speed:,.0f} tok/s, transformers generate {hf_speed:,.0f} tok/s "
-              f"({our_speed / hf_speed:.2f}x); greedy tokens equal for {metrics['greedy_tokens_equal_hf']}/256")
+              f"({our_speed / hf_speed:.2f}x, medians of 3 interleaved runs); "
+              f"greedy tokens equal for {metrics['greedy_tokens_equal_hf']}/256")
         serving = served(hf_dir, [1, 4, 16], args.served_requests, args.served_tokens)
         metrics["served"] = serving
         metrics["served_16_vs_1"] = round(serving["16"]["tokens_per_s"] / serving["1"]["tokens_per_s"], 2)

@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from ray import serve
+from tokenizers import Tokenizer
 
 from serving.engine import Engine
 from serving.engine import Request as EngineRequest
@@ -85,7 +86,7 @@ class EngineServer:
         return {"name": self.engine.name, "max_model_len": self.engine.config.max_seq_len,
                 "vocab_size": tokenizer.get_vocab_size(), "eos_token": tokenizer.id_to_token(self.engine.eot_id),
                 "eos_token_id": self.engine.eot_id, "tokenizer_class": "PreTrainedTokenizerFast",
-                "stats": dict(self.engine.stats)}
+                "tokenizer_json": tokenizer.to_str(), "stats": dict(self.engine.stats)}
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.encode(text)
@@ -150,8 +151,16 @@ def build_fastapi(model_name: str, api_key: str | None, timeout_s: float) -> Fas
 
     async def info() -> dict[str, Any]:
         if not info_cache:
-            info_cache.update(await engine().info.remote())
+            details = await engine().info.remote()
+            info_cache.update(details, tokenizer=Tokenizer.from_str(details["tokenizer_json"]))
         return info_cache
+
+    async def encode(text: str) -> list[int]:
+        """Tokenized here, with the engine's own tokenizer: no round trip to the busy engine replica."""
+        return (await info())["tokenizer"].encode(text, add_special_tokens=False).ids
+
+    async def decode(ids: list[int]) -> str:
+        return (await info())["tokenizer"].decode(ids, skip_special_tokens=False)
 
     @app.middleware("http")
     async def auth_and_metrics(request: Request, call_next: Any) -> Any:
@@ -205,7 +214,7 @@ def build_fastapi(model_name: str, api_key: str | None, timeout_s: float) -> Fas
         text = body.get("prompt", body.get("text"))
         if not isinstance(text, str):
             return api_error(400, "send {'prompt': '<text>'}", "prompt")
-        ids = await engine().tokenize.remote(text)
+        ids = await encode(text)
         return {"tokens": ids, "count": len(ids), "max_model_len": (await info())["max_model_len"]}
 
     @app.post("/detokenize")
@@ -213,7 +222,7 @@ def build_fastapi(model_name: str, api_key: str | None, timeout_s: float) -> Fas
         ids = body.get("tokens")
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
             return api_error(400, "send {'tokens': [ids]}", "tokens")
-        return {"prompt": await engine().detokenize.remote(ids)}
+        return {"prompt": await decode(ids)}
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -246,10 +255,10 @@ def build_fastapi(model_name: str, api_key: str | None, timeout_s: float) -> Fas
             return bad
         details = await info()
         prompts = prompts_of(body.prompt)
-        jobs = [(p, completion_params(body, i)) for p in prompts for i in range(body.n)]
+        prompt_ids = [p if isinstance(p, list) else await encode(p) for p in prompts]
+        jobs = [(ids, completion_params(body, i)) for ids in prompt_ids for i in range(body.n)]
         try:
-            for prompt, params in jobs:
-                ids = prompt if isinstance(prompt, list) else await engine().tokenize.remote(prompt)
+            for ids, params in jobs:
                 validate(ids, params, details["max_model_len"], details["vocab_size"])
             if body.stream:
                 return StreamingResponse(stream_completions(body, jobs), media_type="text/event-stream")
@@ -257,10 +266,10 @@ def build_fastapi(model_name: str, api_key: str | None, timeout_s: float) -> Fas
         except Exception as error:
             return failure(error)
         choices = []
-        for index, ((prompt, _), result) in enumerate(zip(jobs, results, strict=True)):
-            prefix = ""
+        for index, result in enumerate(results):
+            prefix, prompt = "", prompts[index // body.n]
             if body.echo:
-                prefix = prompt if isinstance(prompt, str) else await engine().detokenize.remote(prompt)
+                prefix = prompt if isinstance(prompt, str) else await decode(prompt)
             choice: dict[str, Any] = {"index": index, "text": prefix + result["text"],
                                       "finish_reason": result["finish_reason"], "logprobs": None}
             if body.logprobs is not None:
@@ -318,7 +327,7 @@ def build_fastapi(model_name: str, api_key: str | None, timeout_s: float) -> Fas
         if (bad := check_model(body.model)) is not None:
             return bad
         details = await info()
-        prompt_ids = await engine().tokenize.remote(render_chat(body.messages))
+        prompt_ids = await encode(render_chat(body.messages))
         jobs = [(prompt_ids, chat_params(body, i, details["max_model_len"], len(prompt_ids))) for i in range(body.n)]
         try:
             for prompt, params in jobs:
@@ -368,14 +377,17 @@ def app_builder(args: dict[str, Any]) -> Any:
     api_key = args.get("api_key") or os.environ.get(API_KEY_ENV) or None
     timeout_s = float(args.get("request_timeout_s", 60))
     replicas = int(args.get("max_replicas", 1))
+    logging = {"enable_access_log": bool(args.get("access_log", True)), "log_level": args.get("log_level", "INFO")}
     engine = serve.deployment(
         EngineServer, name="engine", max_ongoing_requests=int(args.get("max_ongoing_requests", 64)),
+        logging_config=logging,
         autoscaling_config={"min_replicas": 1, "max_replicas": replicas, "target_ongoing_requests": 16},
         health_check_period_s=10, ray_actor_options={"num_cpus": float(args.get("engine_cpus", 1)),
                                                      "num_gpus": float(args.get("engine_gpus", 0))},
     ).bind(model, name, int(args.get("max_batch", 16)))
 
-    @serve.deployment(name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+    @serve.deployment(name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0},
+                      logging_config=logging)
     @serve.ingress(build_fastapi(name, api_key, timeout_s))
     class APIIngress:
         def __init__(self, engine_handle: Any) -> None:

@@ -3,8 +3,9 @@
 - `Engine.load(path)`: an HF export directory (`model.safetensors` + Llama `config.json` + tokenizer files),
   a DCP checkpoint directory (`step-*`), or a pretrain stage directory (its `hf/` export, else its latest
   checkpoint).
-- Scheduling: requests wait in a queue; at each step boundary waiting requests are prefilled (batch 1, their
-  own KV cache) and join the running batch (`serving.kv_cache.BatchKVCache`); one forward pass then decodes
+- Scheduling: requests wait in a queue; at each step boundary the waiting requests that fit are prefilled
+  together (one forward pass over their right-padded prompts) and join the running batch
+  (`serving.kv_cache.BatchKVCache`, preallocated rows); one forward pass then decodes
   one token for every running sequence; finished sequences leave. `step()` is one such iteration;
   `run_until_idle()` drives it synchronously; `start()` runs it on a background thread (the Serve replica).
 - Beam search (beam_width > 1) runs as its own batch of beams with a shared-prefix cache that is reordered
@@ -27,6 +28,7 @@ import torch
 from tokenizers import Tokenizer
 
 from dataprep.tokenizer import load_tokenizer
+from serving.decoder import FusedDecoder
 from serving.kv_cache import BatchKVCache
 from serving.sampling import RequestError, SamplingParams, choose_token, find_stop, make_generator, safe_prefix
 from workers.model import KVCache, ModelConfig, Transformer
@@ -116,12 +118,13 @@ class Engine:
                  max_batch: int = 16, device: torch.device | None = None) -> None:
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device).eval()
+        self.decoder = FusedDecoder(self.model)  # the fast forward; `self.model` shares its weights
         self.tokenizer, self.eot_id, self.name, self.max_batch = tokenizer, eot_id, name, max_batch
         self.config = model.config
         self.dtype = next(model.parameters()).dtype
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.running: list[Request] = []
-        self.cache = BatchKVCache(self.config, self.config.max_seq_len, self.device, self.dtype)
+        self.cache = BatchKVCache(self.config, self.config.max_seq_len, self.device, self.dtype, max_batch)
         self.wakeup = threading.Event()
         self.thread: threading.Thread | None = None
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
@@ -215,30 +218,44 @@ class Engine:
         self.stats["steps"] += 1
 
     def _admit(self) -> None:
-        while len(self.running) < self.max_batch and not self.waiting.empty():
+        """Prefill every waiting request that fits, together in one padded forward pass."""
+        admitted: list[Request] = []
+        while len(self.running) + len(admitted) < self.max_batch and not self.waiting.empty():
             request = self.waiting.get_nowait()
-            try:
-                if request.params.beam_width > 1:
-                    self._beam_search(request)
-                    continue
-                self._prefill(request)
-            except Exception as error:  # a failing request never takes the engine down
+            if request.params.beam_width > 1:
+                self._guarded([request], self._beam_search)
+            else:
+                admitted.append(request)
+        if admitted:
+            self._guarded(admitted, self._prefill)
+
+    def _guarded(self, requests: list[Request], work: Callable[..., None]) -> None:
+        """Run `work(requests...)`; a failure fails those requests, never the engine."""
+        try:
+            work(*requests)
+        except Exception as error:
+            for request in requests:
                 request.error = error
                 request.finish_reason = "error"
                 request.done.set()
                 request.emit("error", error)
 
     @torch.no_grad()
-    def _prefill(self, request: Request) -> None:
-        prompt = request.prompt_ids
-        single = KVCache(self.config, 1, len(prompt), self.device, self.dtype)
-        logits = self.model(torch.tensor([prompt], device=self.device), cache=single)[0]
-        if request.params.echo:
-            request.prompt_logprobs = [None] + [self._logprob(logits[i], prompt[i + 1], request.params.logprobs)
-                                                for i in range(len(prompt) - 1)]
-        self.cache.add_row(single)
-        self.running.append(request)
-        self._accept(request, logits[-1])
+    def _prefill(self, *requests: Request) -> None:
+        """Prompts right-padded to the longest: causal attention never lets a real token see a pad."""
+        lengths = [len(r.prompt_ids) for r in requests]
+        padded = [r.prompt_ids + [0] * (max(lengths) - len(r.prompt_ids)) for r in requests]
+        fresh = KVCache(self.config, len(requests), max(lengths), self.device, self.dtype)
+        logits = self.decoder(torch.tensor(padded, device=self.device), fresh)
+        self.cache.add_rows(fresh, lengths)
+        for row, request in enumerate(requests):
+            prompt = request.prompt_ids
+            if request.params.echo:
+                request.prompt_logprobs = [None] + [
+                    self._logprob(logits[row, i], prompt[i + 1], request.params.logprobs)
+                    for i in range(len(prompt) - 1)]
+            self.running.append(request)
+            self._accept(request, logits[row, lengths[row] - 1])
 
     def _logprob(self, logits: torch.Tensor, token: int, top: int | None) -> TokenLogprob:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -248,10 +265,14 @@ class Engine:
             alternatives = [(int(i), self.token_text(int(i)), float(v)) for v, i in zip(values, ids, strict=True)]
         return TokenLogprob(token, self.token_text(token), float(logprobs[token]), alternatives)
 
-    def _accept(self, request: Request, logits: torch.Tensor) -> None:
-        """Choose the next token of a running request from its logits row, then check its stop conditions."""
+    def _accept(self, request: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Choose the next token of a running request from its logits row (`greedy`: its argmax, computed for
+        the whole batch at once), then check its stop conditions."""
         params = request.params
-        token = choose_token(logits, params, request.generator)  # type: ignore[arg-type]
+        if params.temperature == 0 and greedy is not None:
+            token = greedy
+        else:
+            token = choose_token(logits, params, request.generator)  # type: ignore[arg-type]
         if params.logprobs is not None:
             request.logprobs.append(self._logprob(logits, token, params.logprobs))
         stop_token = (token == self.eot_id and not params.ignore_eos) or token in params.stop_token_ids
@@ -280,9 +301,10 @@ class Engine:
         if not self.running:
             return
         last = torch.tensor([[r.output_ids[-1]] for r in self.running], device=self.device)
-        logits = self.model(last, cache=self.cache)[:, -1]
+        logits = self.decoder(last, self.cache)[:, -1]
+        greedy = logits.argmax(dim=-1).tolist()
         for row, request in enumerate(self.running):
-            self._accept(request, logits[row])
+            self._accept(request, logits[row], greedy[row])
         self._retire()
 
     def _retire(self) -> None:
@@ -308,7 +330,7 @@ class Engine:
         params, width = request.params, request.params.beam_width
         prompt = request.prompt_ids
         cache = KVCache(self.config, 1, len(prompt) + params.max_tokens, self.device, self.dtype)
-        logits = self.model(torch.tensor([prompt], device=self.device), cache=cache)[:, -1]
+        logits = self.decoder(torch.tensor([prompt], device=self.device), cache)[:, -1]
         beams: list[tuple[list[int], float]] = [([], 0.0)]
         finished: list[tuple[list[int], float]] = []
 
@@ -337,7 +359,7 @@ class Engine:
             beams = alive
             if cache.keys[0].shape[0] != len(rows) or rows != list(range(len(rows))):
                 cache.reorder(torch.tensor(rows, device=self.device))
-            logits = self.model(torch.tensor([[t[-1]] for t, _ in beams], device=self.device), cache=cache)[:, -1]
+            logits = self.decoder(torch.tensor([[t[-1]] for t, _ in beams], device=self.device), cache)[:, -1]
         pool = finished + beams
         best_tokens, best_total = max(pool, key=lambda b: normalised(*b))
         request.output_ids = best_tokens

@@ -1,9 +1,15 @@
-"""A KV cache for continuous batching: one preallocated slot per running sequence, each with its own length.
+"""A KV cache for continuous batching: preallocated rows, one per running sequence, each with its own length.
 
-Rows join (`add_row`, after a batch-1 prefill into a `workers.model.KVCache`) and leave (`keep_rows`) at step
-boundaries. A decode step appends one token per row at that row's own position; attention sees keys up to
-each row's length (a boolean mask), RoPE uses each row's position. Follows the cache protocol of
+Keys and values live in tensors of shape (max_rows, kv_heads, capacity, head_dim) per layer, allocated once
+(as vLLM reserves its KV memory up front); the running sequences occupy rows 0..rows-1. Rows join at step
+boundaries (`add_rows`, copying a prefilled cache into the next free rows) and leave (`keep_rows`, which
+moves the surviving rows down; only rows after the first departed one are copied). A decode step appends
+one token per row at that row's own position; attention sees keys up to each row's length (a boolean mask,
+or none when all rows have the same length), RoPE uses each row's position. Follows the cache protocol of
 `workers.model.KVCache` (positions / attention_mask / update / advance).
+
+Memory: 2 · layers · max_rows · capacity · kv_heads · head_dim · dtype size (the `small` preset, 16 rows of
+1,024 positions in fp32: 100 MB).
 """
 
 from __future__ import annotations
@@ -14,38 +20,58 @@ from workers.model import KVCache, ModelConfig
 
 
 class BatchKVCache:
-    """Keys/values (rows, kv_heads, capacity, head_dim) per layer, with `lengths[row]` positions filled."""
+    """Per-layer keys/values for up to `max_rows` sequences, with `lengths[row]` positions filled."""
 
-    def __init__(self, config: ModelConfig, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.config, self.capacity, self.device, self.dtype = config, capacity, device, dtype
-        shape = (0, config.n_kv_heads, capacity, config.head_dim)
+    def __init__(self, config: ModelConfig, capacity: int, device: torch.device, dtype: torch.dtype,
+                 max_rows: int = 16) -> None:
+        self.config, self.capacity, self.device, self.dtype, self.max_rows = config, capacity, device, dtype, max_rows
+        shape = (max_rows, config.n_kv_heads, capacity, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.lengths = torch.zeros(0, dtype=torch.long, device=device)
+        self._uniform: int | None = None  # the common length of all rows, None when they differ
 
     @property
     def rows(self) -> int:
         return int(self.lengths.shape[0])
 
+    def uniform_length(self) -> int | None:
+        """The length every row has, or None when rows differ (then attention needs the mask)."""
+        return self._uniform if self.rows else None
+
+    def _refresh_uniform(self) -> None:
+        low, high = (int(self.lengths.min()), int(self.lengths.max())) if self.rows else (0, 0)
+        self._uniform = low if low == high else None
+
+    def add_rows(self, prefilled: KVCache | BatchKVCache, lengths: list[int]) -> list[int]:
+        """Append the sequences of a prefilled cache (row i holds `lengths[i]` positions); returns their rows."""
+        start, count = self.rows, len(lengths)
+        if start + count > self.max_rows:
+            raise ValueError(f"{start + count} sequences exceed the cache's {self.max_rows} rows")
+        if max(lengths) > self.capacity:
+            raise ValueError(f"prompt of {max(lengths)} tokens exceeds the cache capacity {self.capacity}")
+        span = max(lengths)
+        for layer in range(self.config.n_layers):
+            self.keys[layer][start:start + count, :, :span] = prefilled.keys[layer][:count, :, :span]
+            self.values[layer][start:start + count, :, :span] = prefilled.values[layer][:count, :, :span]
+        self.lengths = torch.cat([self.lengths, torch.tensor(lengths, dtype=torch.long, device=self.device)])
+        self._refresh_uniform()
+        return list(range(start, start + count))
+
     def add_row(self, prefilled: KVCache) -> int:
         """Append a sequence prefilled in a batch-1 cache; returns its row."""
-        length = prefilled.length
-        if length > self.capacity:
-            raise ValueError(f"prompt of {length} tokens exceeds the cache capacity {self.capacity}")
-        for layer in range(self.config.n_layers):
-            for store, source in ((self.keys, prefilled.keys), (self.values, prefilled.values)):
-                row = torch.zeros((1, *store[layer].shape[1:]), device=self.device, dtype=self.dtype)
-                row[:, :, :length] = source[layer][:, :, :length]
-                store[layer] = torch.cat([store[layer], row])
-        self.lengths = torch.cat([self.lengths, torch.tensor([length], device=self.device)])
-        return self.rows - 1
+        return self.add_rows(prefilled, [prefilled.length])[0]
 
     def keep_rows(self, rows: list[int]) -> None:
-        """Drop every row not in `rows` (finished sequences leave), keeping their order."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
-        self.lengths = self.lengths.index_select(0, index)
+        """Keep the rows listed (ascending), in that order, as rows 0..len(rows)-1; the others leave."""
+        span = int(self.lengths.max()) if self.rows else 0
+        for new, old in enumerate(rows):
+            if new != old:  # old > new: its source is never overwritten before it is read
+                for store in (self.keys, self.values):
+                    for layer in range(self.config.n_layers):
+                        store[layer][new, :, :span] = store[layer][old, :, :span]
+        self.lengths = self.lengths[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        self._refresh_uniform()
 
     # the cache protocol of workers.model
     def positions(self, new: int, device: torch.device) -> torch.Tensor:
@@ -58,15 +84,22 @@ class BatchKVCache:
         return key_pos <= query_pos  # (rows, 1, new, span)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        new = k.shape[2]
-        if int(self.lengths.max()) + new > self.capacity:
+        new, rows = k.shape[2], self.rows
+        top = self._uniform if self._uniform is not None else int(self.lengths.max())
+        if top + new > self.capacity:
             raise ValueError(f"KV cache full: capacity {self.capacity}")
-        rows = torch.arange(self.rows, device=self.device)
-        for offset in range(new):
-            self.keys[layer][rows, :, self.lengths + offset] = k[:, :, offset]
-            self.values[layer][rows, :, self.lengths + offset] = v[:, :, offset]
-        span = int(self.lengths.max()) + new
-        return self.keys[layer][:, :, :span], self.values[layer][:, :, :span]
+        keys, values = self.keys[layer][:rows], self.values[layer][:rows]
+        if self._uniform is not None:  # every row writes the same positions: a slice
+            keys[:, :, top:top + new] = k
+            values[:, :, top:top + new] = v
+        else:
+            index = torch.arange(rows, device=self.device)
+            for offset in range(new):
+                keys[index, :, self.lengths + offset] = k[:, :, offset]
+                values[index, :, self.lengths + offset] = v[:, :, offset]
+        return keys[:, :, :top + new], values[:, :, :top + new]
 
     def advance(self, new: int) -> None:
         self.lengths = self.lengths + new
+        if self._uniform is not None:
+            self._uniform += new

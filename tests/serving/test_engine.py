@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dataprep.tokenizer import EOT_TOKEN, train_bpe
+from serving.decoder import FusedDecoder
 from serving.engine import Engine
 from serving.kv_cache import BatchKVCache
 from serving.sampling import RequestError, SamplingParams, safe_prefix
@@ -36,25 +37,53 @@ def recompute_greedy(engine: Engine, prompt: list[int], steps: int) -> tuple[lis
     return sequence[len(prompt):], logits_seen
 
 
-def test_batch_cache_logits_equal_full_recomputation_at_every_step() -> None:
+@pytest.mark.parametrize("prompts", [[[5, 9, 13, 200], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9]],  # different lengths
+                                     [[5, 9, 13], [7, 8, 9]]])  # equal lengths: no mask needed
+@pytest.mark.parametrize("forward", ["module", "fused"])
+def test_batch_cache_logits_equal_full_recomputation_at_every_step(forward: str, prompts: list[list[int]]) -> None:
     model = Transformer(CONFIG).eval()
     model.init_weights(11)
-    prompts = [[5, 9, 13, 200], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9]]  # different lengths in one batch
+    reference = Transformer(CONFIG).eval()
+    reference.load_state_dict(model.state_dict())  # recompute with unfused weights
+    fused = FusedDecoder(model)
+
+    def step(tokens: torch.Tensor, cache: KVCache | BatchKVCache) -> torch.Tensor:
+        return model(tokens, cache=cache) if forward == "module" else fused(tokens, cache)
+
     cache = BatchKVCache(CONFIG, 64, torch.device("cpu"), torch.float32)
     sequences = [list(p) for p in prompts]
     for prompt, sequence in zip(prompts, sequences, strict=True):
         single = KVCache(CONFIG, 1, len(prompt), torch.device("cpu"), torch.float32)
         with torch.no_grad():
-            sequence.append(int(model(torch.tensor([prompt]), cache=single)[0, -1].argmax()))
+            sequence.append(int(step(torch.tensor([prompt]), single)[0, -1].argmax()))
         cache.add_row(single)
     for _ in range(12):
         with torch.no_grad():
-            cached = model(torch.tensor([[s[-1]] for s in sequences]), cache=cache)[:, -1]
+            cached = step(torch.tensor([[s[-1]] for s in sequences]), cache)[:, -1]
         for row, sequence in enumerate(sequences):
             with torch.no_grad():
-                full = model(torch.tensor([sequence]))[0, -1]
+                full = reference(torch.tensor([sequence]))[0, -1]
             assert torch.allclose(cached[row], full, atol=1e-5)
             sequence.append(int(full.argmax()))
+
+
+def test_fused_decoder_single_row_and_shared_weights() -> None:
+    model = Transformer(CONFIG).eval()
+    model.init_weights(3)
+    reference = Transformer(CONFIG).eval()
+    reference.load_state_dict(model.state_dict())
+    fused = FusedDecoder(model)
+    layer = fused.layers[0]
+    assert model.model.layers[0].self_attn.k_proj.weight.data_ptr() == layer.qkv[CONFIG.dim:].data_ptr()
+    sequence, cache = [4, 8, 15, 16], KVCache(CONFIG, 1, 40, torch.device("cpu"), torch.float32)
+    logits = fused(torch.tensor([sequence]), cache)[0]
+    with torch.no_grad():
+        assert torch.allclose(logits, reference(torch.tensor([sequence]))[0], atol=1e-5)  # causal prefill
+        for _ in range(20):  # batch-1 decode: the multiply-and-sum GEMV path, no mask
+            sequence.append(int(logits[-1].argmax()))
+            logits = fused(torch.tensor([sequence[-1:]]), cache)[0]
+            assert torch.allclose(logits[-1], reference(torch.tensor([sequence]))[0, -1], atol=1e-5)
+            assert torch.allclose(logits[-1], model(torch.tensor([sequence]))[0, -1], atol=1e-5)
 
 
 def test_greedy_beam1_and_topk1_equal_recomputed_argmax(engine: Engine) -> None:
@@ -114,6 +143,20 @@ def test_stops_echo_and_logprobs(engine: Engine) -> None:
     echoed = engine.generate(prompt, SamplingParams(max_tokens=3, temperature=0, echo=True, logprobs=2))
     assert echoed.prompt_logprobs[0] is None and len(echoed.prompt_logprobs) == len(prompt)
     assert all(len(t.top) == 2 and t.top[0][2] >= t.logprob - 1e-6 for t in echoed.logprobs)
+
+
+def test_batched_prefill_gives_each_prompt_its_own_logprobs(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=4, temperature=0, echo=True, logprobs=1, ignore_eos=True)
+    prompts = [engine.encode(t) for t in ("the cat sat on the mat", "a dog", "the sky is blue and")]
+    alone = [engine.generate(p, params) for p in prompts]
+    together = [engine.submit(p, params) for p in prompts]  # prefilled in one padded forward pass
+    engine.run_until_idle()
+    for one, batched in zip(alone, together, strict=True):
+        assert batched.output_ids == one.output_ids  # logprobs: equal up to float rounding (GEMM shapes differ)
+        assert [t.logprob for t in batched.prompt_logprobs[1:]] == pytest.approx(
+            [t.logprob for t in one.prompt_logprobs[1:]], rel=2e-5, abs=1e-5)
+        assert [t.logprob for t in batched.logprobs] == pytest.approx([t.logprob for t in one.logprobs],
+                                                                      rel=2e-5, abs=1e-5)
 
 
 @pytest.mark.parametrize(("params", "field"), [

@@ -50,7 +50,8 @@ def server(model_dir: Path, ray_local: None) -> Iterator[dict[str, str]]:
     serve.run(app_builder({"model": str(model_dir), "name": "tiny", "engine_cpus": 0.5}), name="open",
               route_prefix="/")
     serve.run(app_builder({"model": str(model_dir), "name": "tiny", "engine_cpus": 0.5, "api_key": "sekret",
-                           "request_timeout_s": 0.05}), name="secured", route_prefix="/secured")
+                           "request_timeout_s": 0.001}),  # below one handle round trip: every generate → 408
+              name="secured", route_prefix="/secured")
     yield {"base": f"http://127.0.0.1:{port}", "secured": f"http://127.0.0.1:{port}/secured"}
     serve.shutdown()
 
