@@ -1,15 +1,19 @@
 """Benchmark: decoding and serving, all figures from the same run on the same weights.
 
-1. KV cache vs recomputation: greedy batch-1 decode of 128 and 512 new tokens with our engine (KV cache)
-   and with a loop that recomputes the whole sequence every step.
+1. KV cache vs recomputation: greedy batch-1 decode of 128 and 512 new tokens with our engine (KV cache; median
+   of 5 runs) and with a loop that recomputes the whole sequence every step.
 2. Ours vs Hugging Face `transformers` `generate` (greedy, batch 1, its own KV cache) on the same exported
-   weights (`workers.export` → `AutoModelForCausalLM`).
-3. Served: the Ray Serve app on loopback, 1, 4 and 16 concurrent clients each sending requests of
-   `--served-tokens` new tokens: throughput (generated tokens/s) and p50/p99 latency per request.
+   weights (`workers.export` → `AutoModelForCausalLM`), fp32; 3 interleaved runs each, medians compared.
+3. For each engine dtype (`--served-dtype`, default float32 and bfloat16):
+   a. the engine alone: its scheduler thread with 1 and 16 concurrent asyncio clients in this process;
+   b. served: the Ray Serve app on loopback (ingress + one engine replica with `--engine-cpus` CPUs, access
+      logs off), 1, 4 and 16 concurrent clients (asyncio + httpx, as vLLM's `benchmark_serving` drives its
+      server), each sending requests of `--served-tokens` new tokens one after another: throughput
+      (generated tokens/s), p50/p99 latency, and the engine's busy fraction and steps/s (`/engine_stats`).
 
-The model is the `small` preset shape (random weights, 8,192 vocabulary, context 1,024: about 16 M parameters).
+The model is the `small` preset shape (random weights, 8,192 vocabulary, context 1,024: about 12 M parameters).
 
-    .venv/bin/python benchmarks/serve.py [--threads 2] [--served-requests 8]
+    .venv/bin/python benchmarks/serve.py [--threads 2] [--served-requests 6] [--served-only]
 
 Last line: {"benchmark": "serve", "metrics": {...}}.
 """
@@ -17,6 +21,7 @@ Last line: {"benchmark": "serve", "metrics": {...}}.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -24,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -88,7 +92,42 @@ def load_hf(hf_dir: Path) -> object:
     return model
 
 
-def served(hf_dir: Path, clients_list: list[int], requests_per_client: int, tokens: int) -> dict[str, dict]:
+def in_process(hf_dir: Path, clients_list: list[int], requests_per_client: int, tokens: int, dtype: str,
+               ) -> dict[str, float]:
+    """The engine alone: its scheduler thread, clients as asyncio tasks in this process (no HTTP, no Ray),
+    1 torch thread like the Serve replica. Separates the engine's batching from the serving stack's cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = Engine.load(hf_dir, name="bench", max_batch=16, dtype=dtype)
+    engine.start()
+
+    async def client(index: int, count: int) -> None:
+        loop = asyncio.get_running_loop()
+        for request in range(count):
+            done: asyncio.Future[None] = loop.create_future()
+
+            def on_event(kind: str, _: object, done: asyncio.Future[None] = done) -> None:
+                if kind == "done":
+                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+            engine.submit(engine.encode(f"The value {index} {request}"),
+                          SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True), on_event)
+            await done
+
+    async def load(clients: int) -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i, requests_per_client) for i in range(clients)))
+        return clients * requests_per_client * tokens / (time.perf_counter() - started)
+
+    asyncio.run(load(2))  # warm-up
+    results = {str(clients): round(asyncio.run(load(clients)), 1) for clients in clients_list}
+    print(f"engine in-process ({dtype}), tokens/s by concurrent clients: {results}")
+    torch.set_num_threads(threads)
+    return results
+
+
+def served(hf_dir: Path, clients_list: list[int], requests_per_client: int, tokens: int, engine_cpus: float,
+           dtype: str) -> dict[str, dict]:
     import httpx
     from ray import serve
 
@@ -100,36 +139,72 @@ def served(hf_dir: Path, clients_list: list[int], requests_per_client: int, toke
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder({"model": str(hf_dir), "name": "bench", "max_batch": 16, "engine_cpus": 1,
-                          "access_log": False}),
+    serve.run(app_builder({"model": str(hf_dir), "name": "bench", "max_batch": 16, "engine_cpus": engine_cpus,
+                           "dtype": dtype, "access_log": False}),
               name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/completions"
+    print("engine replica:", httpx.get(f"http://127.0.0.1:{port}/health").json())
     results = {}
     for clients in clients_list:
-        def one_client(index: int, count: int = requests_per_client) -> list[float]:
+        async def one_client(http: httpx.AsyncClient, index: int, count: int) -> list[float]:
             latencies = []
-            with httpx.Client(timeout=600) as http:
-                for request in range(count):
-                    started = time.perf_counter()
-                    body = http.post(url, json={"model": "bench", "prompt": f"The value {index} {request}",
-                                                "max_tokens": tokens, "temperature": 0, "ignore_eos": True}).json()
-                    assert body["usage"]["completion_tokens"] == tokens
-                    latencies.append(time.perf_counter() - started)
+            for request in range(count):
+                started = time.perf_counter()
+                response = await http.post(url, json={"model": "bench", "prompt": f"The value {index} {request}",
+                                                      "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
+                assert response.json()["usage"]["completion_tokens"] == tokens
+                latencies.append(time.perf_counter() - started)
             return latencies
 
-        one_client(0, 1)  # warm-up
-        started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=clients) as pool:
-            latencies = sorted(x for part in pool.map(one_client, range(clients)) for x in part)
-        wall = time.perf_counter() - started
+        async def load(before: dict[str, float], clients: int = clients) -> tuple[list[float], float]:
+            limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+            async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+                await one_client(http, 0, 1)  # warm-up
+                before.update(httpx.get(f"http://127.0.0.1:{port}/engine_stats").json())
+                started = time.perf_counter()
+                parts = await asyncio.gather(*(one_client(http, i, requests_per_client) for i in range(clients)))
+                return sorted(x for part in parts for x in part), time.perf_counter() - started
+
+        before: dict[str, float] = {}
+        latencies, wall = asyncio.run(load(before))
+        after = httpx.get(f"http://127.0.0.1:{port}/engine_stats").json()
         results[str(clients)] = {
             "tokens_per_s": round(len(latencies) * tokens / wall, 1),
             "p50_s": round(statistics.median(latencies), 3),
             "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
-            "requests": len(latencies)}
+            "requests": len(latencies),
+            "engine_busy": round((after["busy_s"] - before["busy_s"]) / wall, 3),
+            "engine_steps_per_s": round((after["steps"] - before["steps"]) / wall, 1)}
         print(f"served, {clients:2d} clients: {results[str(clients)]}")
     serve.shutdown()
     return results
+
+
+def decode_comparisons(engine: Engine, hf_dir: Path, prompt: list[int], metrics: dict[str, object]) -> None:
+    """KV cache vs recomputation at 128 and 512 new tokens; ours vs transformers generate at 256."""
+    for tokens in (128, 512):  # ours: median of 5 runs (this VM's memory bandwidth wanders)
+        cached, full = statistics.median(ours(engine, prompt, tokens) for _ in range(5)), \
+            recompute(engine, prompt, tokens)
+        metrics[f"kv_tokens_per_s_{tokens}"] = round(cached, 1)
+        metrics[f"recompute_tokens_per_s_{tokens}"] = round(full, 1)
+        metrics[f"kv_speedup_{tokens}"] = round(cached / full, 2)
+        print(f"{tokens} new tokens: KV cache {cached:,.0f} tok/s, recompute {full:,.0f} tok/s "
+              f"({cached / full:.1f}x)")
+    hf_model = load_hf(hf_dir)
+    our_runs, hf_runs = [], []
+    for _ in range(3):  # interleaved, so both see the same machine state; medians compared
+        our_runs.append(ours(engine, prompt, 256))
+        hf_speed, hf_tokens = hf_generate(hf_model, prompt, 256)
+        hf_runs.append(hf_speed)
+    our_speed, hf_speed = statistics.median(our_runs), statistics.median(hf_runs)
+    same = engine.generate(prompt, SamplingParams(max_tokens=256, temperature=0, ignore_eos=True)).output_ids
+    metrics.update({"ours_tokens_per_s_256": round(our_speed, 1),
+                    "hf_generate_tokens_per_s_256": round(hf_speed, 1), "vs_hf": round(our_speed / hf_speed, 2),
+                    "vs_hf_runs": [round(a / b, 2) for a, b in zip(our_runs, hf_runs, strict=True)],
+                    "greedy_tokens_equal_hf": sum(a == b for a, b in zip(same, hf_tokens, strict=False))})
+    print(f"256 new tokens: ours {our_speed:,.0f} tok/s, transformers generate {hf_speed:,.0f} tok/s "
+          f"({our_speed / hf_speed:.2f}x, medians of 3 interleaved runs); "
+          f"greedy tokens equal for {metrics['greedy_tokens_equal_hf']}/256")
 
 
 def main() -> None:
@@ -137,6 +212,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--served-requests", type=int, default=6, help="requests per client")
     parser.add_argument("--served-tokens", type=int, default=64)
+    parser.add_argument("--engine-cpus", type=float, default=1, help="CPUs (and torch threads) of the engine replica")
+    parser.add_argument("--served-dtype", nargs="+", default=["float32", "bfloat16"],
+                        help="engine dtypes to serve with (each one measured at 1, 4 and 16 clients)")
+    parser.add_argument("--served-only", action="store_true", help="skip the in-process decode comparisons")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
@@ -146,32 +225,17 @@ def main() -> None:
         ours(engine, prompt, 16)  # warm-up
         metrics: dict[str, object] = {"parameters": params, "threads": args.threads,
                                       "eos_token": engine.tokenizer.token_to_id(EOT_TOKEN)}
-        for tokens in (128, 512):  # ours: median of 5 runs (this VM's memory bandwidth wanders)
-            cached, full = statistics.median(ours(engine, prompt, tokens) for _ in range(5)), \
-                recompute(engine, prompt, tokens)
-            metrics[f"kv_tokens_per_s_{tokens}"] = round(cached, 1)
-            metrics[f"recompute_tokens_per_s_{tokens}"] = round(full, 1)
-            metrics[f"kv_speedup_{tokens}"] = round(cached / full, 2)
-            print(f"{tokens} new tokens: KV cache {cached:,.0f} tok/s, recompute {full:,.0f} tok/s "
-                  f"({cached / full:.1f}x)")
-        hf_model = load_hf(hf_dir)
-        our_runs, hf_runs = [], []
-        for _ in range(3):  # interleaved, so both see the same machine state; medians compared
-            our_runs.append(ours(engine, prompt, 256))
-            hf_speed, hf_tokens = hf_generate(hf_model, prompt, 256)
-            hf_runs.append(hf_speed)
-        our_speed, hf_speed = statistics.median(our_runs), statistics.median(hf_runs)
-        same = engine.generate(prompt, SamplingParams(max_tokens=256, temperature=0, ignore_eos=True)).output_ids
-        metrics.update({"ours_tokens_per_s_256": round(our_speed, 1),
-                        "hf_generate_tokens_per_s_256": round(hf_speed, 1), "vs_hf": round(our_speed / hf_speed, 2),
-                        "vs_hf_runs": [round(a / b, 2) for a, b in zip(our_runs, hf_runs, strict=True)],
-                        "greedy_tokens_equal_hf": sum(a == b for a, b in zip(same, hf_tokens, strict=False))})
-        print(f"256 new tokens: ours {our_speed:,.0f} tok/s, transformers generate {hf_speed:,.0f} tok/s "
-              f"({our_speed / hf_speed:.2f}x, medians of 3 interleaved runs); "
-              f"greedy tokens equal for {metrics['greedy_tokens_equal_hf']}/256")
-        serving = served(hf_dir, [1, 4, 16], args.served_requests, args.served_tokens)
-        metrics["served"] = serving
-        metrics["served_16_vs_1"] = round(serving["16"]["tokens_per_s"] / serving["1"]["tokens_per_s"], 2)
+        if not args.served_only:
+            decode_comparisons(engine, hf_dir, prompt, metrics)
+        for dtype in args.served_dtype:
+            alone = in_process(hf_dir, [1, 16], args.served_requests, args.served_tokens, dtype)
+            suffix = "" if dtype == "float32" else f"_{dtype}"
+            metrics[f"engine_in_process{suffix}"] = alone
+            metrics[f"engine_in_process_16_vs_1{suffix}"] = round(alone["16"] / alone["1"], 2)
+            print(f"served with the engine in {dtype}:")
+            serving = served(hf_dir, [1, 4, 16], args.served_requests, args.served_tokens, args.engine_cpus, dtype)
+            metrics[f"served{suffix}"] = serving
+            metrics[f"served_16_vs_1{suffix}"] = round(serving["16"]["tokens_per_s"] / serving["1"]["tokens_per_s"], 2)
     print(json.dumps({"benchmark": "serve", "metrics": metrics}))
 
 

@@ -6,7 +6,8 @@ handle). `app_builder({"model": PATH, ...})` is the entry point for `serve run`/
 (`infra/serve.yaml`) and `forgeline serve`.
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (SSE streaming ending
-with `data: [DONE]`), POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /metrics (Prometheus).
+with `data: [DONE]`), POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /metrics (Prometheus),
+GET /engine_stats (one engine replica's counters: steps, seconds busy, tokens, running/waiting sequences).
 Errors are OpenAI-style bodies: 400 naming the field, 401 without the API key (when one is set), 408 past
 the request timeout, 500 for an internal error (the replica keeps serving).
 """
@@ -21,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -77,8 +79,8 @@ def result_dict(engine: Engine, request: EngineRequest) -> dict[str, Any]:
 class EngineServer:
     """One engine per replica; its background thread runs the continuous-batching scheduler."""
 
-    def __init__(self, model: str, name: str = "forgeline", max_batch: int = 16) -> None:
-        self.engine = Engine.load(Path(model), name=name, max_batch=max_batch)
+    def __init__(self, model: str, name: str = "forgeline", max_batch: int = 16, dtype: str = "float32") -> None:
+        self.engine = Engine.load(Path(model), name=name, max_batch=max_batch, dtype=dtype)
         self.engine.start()
 
     def info(self) -> dict[str, Any]:
@@ -86,7 +88,12 @@ class EngineServer:
         return {"name": self.engine.name, "max_model_len": self.engine.config.max_seq_len,
                 "vocab_size": tokenizer.get_vocab_size(), "eos_token": tokenizer.id_to_token(self.engine.eot_id),
                 "eos_token_id": self.engine.eot_id, "tokenizer_class": "PreTrainedTokenizerFast",
-                "tokenizer_json": tokenizer.to_str(), "stats": dict(self.engine.stats)}
+                "tokenizer_json": tokenizer.to_str(), "stats": dict(self.engine.stats),
+                "torch_threads": torch.get_num_threads(), "dtype": str(self.engine.dtype).removeprefix("torch.")}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since the replica started: requests, prompt/generated tokens, steps, seconds busy in steps."""
+        return {**self.engine.stats, "running": len(self.engine.running), "waiting": self.engine.waiting.qsize()}
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.encode(text)
@@ -192,9 +199,9 @@ def build_fastapi(model_name: str, api_key: str | None, timeout_s: float) -> Fas
         return None
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        await info()
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        details = await info()
+        return {"status": "ok", "dtype": details["dtype"], "torch_threads": details["torch_threads"]}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -223,6 +230,11 @@ def build_fastapi(model_name: str, api_key: str | None, timeout_s: float) -> Fas
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
             return api_error(400, "send {'tokens': [ids]}", "tokens")
         return {"prompt": await decode(ids)}
+
+    @app.get("/engine_stats")
+    async def engine_stats() -> dict[str, Any]:
+        """One engine replica's counters (steps, busy seconds, tokens, running/waiting sequences)."""
+        return await engine().stats.remote()
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -384,7 +396,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         autoscaling_config={"min_replicas": 1, "max_replicas": replicas, "target_ongoing_requests": 16},
         health_check_period_s=10, ray_actor_options={"num_cpus": float(args.get("engine_cpus", 1)),
                                                      "num_gpus": float(args.get("engine_gpus", 0))},
-    ).bind(model, name, int(args.get("max_batch", 16)))
+    ).bind(model, name, int(args.get("max_batch", 16)), str(args.get("dtype", "float32")))
 
     @serve.deployment(name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0},
                       logging_config=logging)

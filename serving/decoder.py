@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.model import Transformer, apply_rope, rope_tables
+from workers.model import KVCache, Transformer, apply_rope, rope_tables
 
 
 @dataclass
@@ -51,10 +51,17 @@ def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T`; a single row on CPU as multiply-and-sum (bandwidth-bound GEMV, see the module doc)."""
-    if x.device.type == "cpu" and x.numel() == weight.shape[1]:
+    """`x @ weight.T`; a single fp32 row on CPU as multiply-and-sum (bandwidth-bound GEMV, see the module doc)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == weight.shape[1]:
         return torch.linalg.vecdot(weight, x.reshape(1, -1)).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back before the weight (as `workers.model.RMSNorm` and HF Llama)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 class FusedDecoder:
@@ -91,13 +98,13 @@ class FusedDecoder:
         mask, causal = self._mask(cache, new, tokens.device)
         x = F.embedding(tokens, self.embed)
         for index, layer in enumerate(self.layers):
-            x = x + self._attention(index, layer, F.rms_norm(x, (x.shape[-1],), layer.attn_norm, self.eps),
+            x = x + self._attention(index, layer, rms_norm(x, layer.attn_norm, self.eps),
                                     cos, sin, cache, mask, causal)
-            gate, up = linear(F.rms_norm(x, (x.shape[-1],), layer.mlp_norm, self.eps),
+            gate, up = linear(rms_norm(x, layer.mlp_norm, self.eps),
                               layer.gate_up).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, layer.down)
         cache.advance(new)
-        return linear(F.rms_norm(x, (x.shape[-1],), self.final_norm, self.eps), self.lm_head)
+        return linear(rms_norm(x, self.final_norm, self.eps), self.lm_head)
 
     def _attention(self, index: int, layer: FusedLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    cache: Any, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -109,6 +116,70 @@ class FusedDecoder:
         k, v = cache.update(index, k, v.view(batch, new, -1, head_dim).transpose(1, 2))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.gqa)
         return linear(out.transpose(1, 2).reshape(batch, new, -1), layer.o)
+
+    @torch.no_grad()
+    def mixed_step(self, last_tokens: list[int], cache: Any, prompts: list[list[int]], all_logits: list[bool],
+                   ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[KVCache]]:
+        """One forward pass over the next token of every running row *and* the prompts of newly admitted
+        requests (continuous batching with prefill folded into the decode step, as vLLM schedules it).
+
+        The tokens are flattened into one sequence for the matmuls, so the weights are read once per step
+        however many requests join; attention runs per segment: the running rows against `cache` (a
+        `serving.kv_cache.BatchKVCache`), each prompt causally against its own fresh `KVCache`.
+        Returns (logits of the running rows (R, V) or None, per prompt its logits (all positions when
+        `all_logits[i]`, else the last one), per prompt its filled cache).
+        """
+        device, head_dim = self.embed.device, self.config.head_dim
+        rows, lengths = len(last_tokens), [len(p) for p in prompts]
+        if any(length > self.config.max_seq_len for length in lengths):
+            raise ValueError(f"prompt exceeds max_seq_len {self.config.max_seq_len}")
+        tokens = torch.tensor(last_tokens + [t for p in prompts for t in p], device=device)
+        position_parts = [cache.lengths] if rows else []
+        position_parts += [torch.arange(length, device=device) for length in lengths]
+        positions = torch.cat(position_parts)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (T, 1, D)
+        fresh = [KVCache(self.config, 1, length, device, self.embed.dtype) for length in lengths]
+        mask, causal = self._mask(cache, 1, device) if rows else (None, False)
+        x = F.embedding(tokens, self.embed)  # (T, dim)
+        for index, layer in enumerate(self.layers):
+            q, k, v = linear(rms_norm(x, layer.attn_norm, self.eps), layer.qkv).split(
+                (self.q_dim, self.kv_dim, self.kv_dim), dim=-1)
+            q = apply_rope(q.view(len(tokens), -1, head_dim), cos, sin)
+            k = apply_rope(k.view(len(tokens), -1, head_dim), cos, sin)
+            v = v.view(len(tokens), -1, head_dim)
+            outputs = []
+            if rows:  # (R, H, 1, D) against each row's cached keys
+                keys, values = cache.update(index, k[:rows, :, None], v[:rows, :, None])
+                outputs.append(F.scaled_dot_product_attention(q[:rows, :, None], keys, values, attn_mask=mask,
+                                                              is_causal=causal, enable_gqa=self.gqa)[:, :, 0])
+            start = rows
+            for length, own in zip(lengths, fresh, strict=True):
+                part = slice(start, start + length)
+                keys, values = own.update(index, k[part].transpose(0, 1)[None], v[part].transpose(0, 1)[None])
+                out = F.scaled_dot_product_attention(q[part].transpose(0, 1)[None], keys, values, is_causal=True,
+                                                     enable_gqa=self.gqa)
+                outputs.append(out[0].transpose(0, 1))
+                start += length
+            x = x + linear(torch.cat(outputs).reshape(len(tokens), -1), layer.o)
+            gate, up = linear(rms_norm(x, layer.mlp_norm, self.eps), layer.gate_up).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, layer.down)
+        if rows:
+            cache.advance(1)
+        for length, own in zip(lengths, fresh, strict=True):
+            own.advance(length)
+        return self._mixed_logits(x, rows, lengths, all_logits) + (fresh,)
+
+    def _mixed_logits(self, x: torch.Tensor, rows: int, lengths: list[int], all_logits: list[bool],
+                      ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The lm-head over only the positions asked for: each running row, each prompt's last (or every)."""
+        wanted, spans, start = list(range(rows)), [], rows
+        for length, every in zip(lengths, all_logits, strict=True):
+            first = len(wanted)
+            wanted += list(range(start, start + length)) if every else [start + length - 1]
+            spans.append(slice(first, len(wanted)))
+            start += length
+        logits = linear(rms_norm(x[wanted], self.final_norm, self.eps), self.lm_head)
+        return (logits[:rows] if rows else None), [logits[span] for span in spans]
 
     @staticmethod
     def _mask(cache: Any, new: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:

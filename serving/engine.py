@@ -3,10 +3,10 @@
 - `Engine.load(path)`: an HF export directory (`model.safetensors` + Llama `config.json` + tokenizer files),
   a DCP checkpoint directory (`step-*`), or a pretrain stage directory (its `hf/` export, else its latest
   checkpoint).
-- Scheduling: requests wait in a queue; at each step boundary the waiting requests that fit are prefilled
-  together (one forward pass over their right-padded prompts) and join the running batch
-  (`serving.kv_cache.BatchKVCache`, preallocated rows); one forward pass then decodes
-  one token for every running sequence; finished sequences leave. `step()` is one such iteration;
+- Scheduling: requests wait in a queue; each step is one forward pass (`FusedDecoder.mixed_step`) over the
+  next token of every running sequence plus the whole prompts of the waiting requests that fit, which then
+  join the running batch (`serving.kv_cache.BatchKVCache`, preallocated rows): the weights are read once
+  per step however many requests join. Finished sequences leave. `step()` is one such iteration;
   `run_until_idle()` drives it synchronously; `start()` runs it on a background thread (the Serve replica).
 - Beam search (beam_width > 1) runs as its own batch of beams with a shared-prefix cache that is reordered
   each step; scores are summed logprobs divided by length**length_penalty; with early stopping it ends once
@@ -32,6 +32,8 @@ from serving.decoder import FusedDecoder
 from serving.kv_cache import BatchKVCache
 from serving.sampling import RequestError, SamplingParams, choose_token, find_stop, make_generator, safe_prefix
 from workers.model import KVCache, ModelConfig, Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -127,14 +129,17 @@ class Engine:
         self.cache = BatchKVCache(self.config, self.config.max_seq_len, self.device, self.dtype, max_batch)
         self.wakeup = threading.Event()
         self.thread: threading.Thread | None = None
-        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "busy_s": 0.0}
 
     @classmethod
-    def load(cls, path: Path, name: str = "forgeline", max_batch: int = 16) -> Engine:
+    def load(cls, path: Path, name: str = "forgeline", max_batch: int = 16, dtype: str = "float32") -> Engine:
+        """`dtype`: the weights' and KV cache's type, `float32` or `bfloat16` (norms and softmax stay fp32)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         model, tokenizer_dir = load_model(Path(path))
         tokenizer, eot_id = load_tokenizer(tokenizer_dir)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model, tokenizer, eot_id, name, max_batch, device)
+        return cls(model.to(DTYPES[dtype]), tokenizer, eot_id, name, max_batch, device)
 
     # ---- text helpers
     def encode(self, text: str) -> list[int]:
@@ -211,14 +216,17 @@ class Engine:
             self.step()
 
     def step(self) -> None:
-        """Admit waiting requests (prefill), decode one token for all running ones, retire finished ones."""
-        self._admit()
-        if self.running:
-            self._decode()
+        """One forward pass: the next token of every running sequence and the prompts of the waiting requests
+        that fit (their prefill folded into the same pass); finished sequences leave."""
+        started = time.perf_counter()
+        admitted = self._take_waiting()
+        if self.running or admitted:
+            self._guarded(admitted, self._forward)
         self.stats["steps"] += 1
+        self.stats["busy_s"] += time.perf_counter() - started
 
-    def _admit(self) -> None:
-        """Prefill every waiting request that fits, together in one padded forward pass."""
+    def _take_waiting(self) -> list[Request]:
+        """Waiting requests that fit in the batch (a beam-search request runs to completion here)."""
         admitted: list[Request] = []
         while len(self.running) + len(admitted) < self.max_batch and not self.waiting.empty():
             request = self.waiting.get_nowait()
@@ -226,8 +234,7 @@ class Engine:
                 self._guarded([request], self._beam_search)
             else:
                 admitted.append(request)
-        if admitted:
-            self._guarded(admitted, self._prefill)
+        return admitted
 
     def _guarded(self, requests: list[Request], work: Callable[..., None]) -> None:
         """Run `work(requests...)`; a failure fails those requests, never the engine."""
@@ -241,21 +248,23 @@ class Engine:
                 request.emit("error", error)
 
     @torch.no_grad()
-    def _prefill(self, *requests: Request) -> None:
-        """Prompts right-padded to the longest: causal attention never lets a real token see a pad."""
-        lengths = [len(r.prompt_ids) for r in requests]
-        padded = [r.prompt_ids + [0] * (max(lengths) - len(r.prompt_ids)) for r in requests]
-        fresh = KVCache(self.config, len(requests), max(lengths), self.device, self.dtype)
-        logits = self.decoder(torch.tensor(padded, device=self.device), fresh)
-        self.cache.add_rows(fresh, lengths)
-        for row, request in enumerate(requests):
+    def _forward(self, *admitted: Request) -> None:
+        last = [r.output_ids[-1] for r in self.running]
+        logits, prompt_logits, prompt_caches = self.decoder.mixed_step(
+            last, self.cache, [r.prompt_ids for r in admitted], [r.params.echo for r in admitted])
+        if logits is not None:
+            greedy = logits.argmax(dim=-1).tolist()  # one op for the batch; used by the greedy rows
+            for row, request in enumerate(self.running):
+                self._accept(request, logits[row], greedy[row])
+        for request, own_logits, own_cache in zip(admitted, prompt_logits, prompt_caches, strict=True):
             prompt = request.prompt_ids
-            if request.params.echo:
-                request.prompt_logprobs = [None] + [
-                    self._logprob(logits[row, i], prompt[i + 1], request.params.logprobs)
-                    for i in range(len(prompt) - 1)]
+            self.cache.add_rows(own_cache, [len(prompt)])
             self.running.append(request)
-            self._accept(request, logits[row, lengths[row] - 1])
+            if request.params.echo:
+                request.prompt_logprobs = [None] + [self._logprob(own_logits[i], prompt[i + 1], request.params.logprobs)
+                                                    for i in range(len(prompt) - 1)]
+            self._accept(request, own_logits[-1])
+        self._retire()
 
     def _logprob(self, logits: torch.Tensor, token: int, top: int | None) -> TokenLogprob:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -294,18 +303,6 @@ class Engine:
         if len(ready) > len(request.streamed):
             request.emit("delta", ready[len(request.streamed):])
             request.streamed = ready
-
-    @torch.no_grad()
-    def _decode(self) -> None:
-        self._retire()
-        if not self.running:
-            return
-        last = torch.tensor([[r.output_ids[-1]] for r in self.running], device=self.device)
-        logits = self.decoder(last, self.cache)[:, -1]
-        greedy = logits.argmax(dim=-1).tolist()
-        for row, request in enumerate(self.running):
-            self._accept(request, logits[row], greedy[row])
-        self._retire()
 
     def _retire(self) -> None:
         keep = [i for i, r in enumerate(self.running) if r.finish_reason is None]

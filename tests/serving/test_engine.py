@@ -86,6 +86,29 @@ def test_fused_decoder_single_row_and_shared_weights() -> None:
             assert torch.allclose(logits[-1], model(torch.tensor([sequence]))[0, -1], atol=1e-5)
 
 
+def test_mixed_step_decodes_and_prefills_in_one_pass() -> None:
+    model = Transformer(CONFIG).eval()
+    model.init_weights(5)
+    reference = Transformer(CONFIG).eval()
+    reference.load_state_dict(model.state_dict())
+    fused = FusedDecoder(model)
+    cache = BatchKVCache(CONFIG, 64, torch.device("cpu"), torch.float32, max_rows=4)
+    running = [[3, 1, 4, 1, 5], [9, 2]]  # different lengths: the masked path
+    _, _, caches = fused.mixed_step([], cache, running, [False, False])
+    for sequence, own in zip(running, caches, strict=True):
+        cache.add_rows(own, [len(sequence)])
+    prompts = [[7, 7, 8], [2, 6, 5, 3, 5, 8, 9]]
+    logits, prompt_logits, _ = fused.mixed_step([6, 4], cache, prompts, [True, False])
+    with torch.no_grad():
+        for row, sequence in enumerate(running):
+            expected = reference(torch.tensor([sequence + [[6, 4][row]]]))[0, -1]
+            assert torch.allclose(logits[row], expected, atol=1e-5)
+        assert torch.allclose(prompt_logits[0], reference(torch.tensor([prompts[0]]))[0], atol=1e-5)  # every position
+        assert prompt_logits[1].shape[0] == 1
+        assert torch.allclose(prompt_logits[1][0], reference(torch.tensor([prompts[1]]))[0, -1], atol=1e-5)
+    assert cache.lengths.tolist() == [6, 3]
+
+
 def test_greedy_beam1_and_topk1_equal_recomputed_argmax(engine: Engine) -> None:
     prompt = engine.encode("the cat sat")
     expected, _ = recompute_greedy(engine, prompt, 20)

@@ -63,7 +63,7 @@ def client(server: dict[str, str]) -> Iterator[httpx.Client]:
 
 
 def test_info_endpoints(client: httpx.Client) -> None:
-    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/health").json() == {"status": "ok", "dtype": "float32", "torch_threads": 1}
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
     tokens = client.post("/tokenize", json={"prompt": "the cat"}).json()
     assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 128
