@@ -27,6 +27,15 @@ def engine() -> Engine:
     return Engine(model, tokenizer, tokenizer.token_to_id(EOT_TOKEN), max_batch=4)
 
 
+def fused_and_reference(seed: int) -> tuple[Transformer, Transformer, FusedDecoder]:
+    """A model, an unfused copy to recompute with, and the model's fused decoder (sharing its weights)."""
+    model = Transformer(CONFIG).eval()
+    model.init_weights(seed)
+    reference = Transformer(CONFIG).eval()
+    reference.load_state_dict(model.state_dict())
+    return model, reference, FusedDecoder(model)
+
+
 def recompute_greedy(engine: Engine, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
     sequence, logits_seen = list(prompt), []
     for _ in range(steps):
@@ -41,11 +50,7 @@ def recompute_greedy(engine: Engine, prompt: list[int], steps: int) -> tuple[lis
                                      [[5, 9, 13], [7, 8, 9]]])  # equal lengths: no mask needed
 @pytest.mark.parametrize("forward", ["module", "fused"])
 def test_batch_cache_logits_equal_full_recomputation_at_every_step(forward: str, prompts: list[list[int]]) -> None:
-    model = Transformer(CONFIG).eval()
-    model.init_weights(11)
-    reference = Transformer(CONFIG).eval()
-    reference.load_state_dict(model.state_dict())  # recompute with unfused weights
-    fused = FusedDecoder(model)
+    model, reference, fused = fused_and_reference(11)
 
     def step(tokens: torch.Tensor, cache: KVCache | BatchKVCache) -> torch.Tensor:
         return model(tokens, cache=cache) if forward == "module" else fused(tokens, cache)
@@ -68,11 +73,7 @@ def test_batch_cache_logits_equal_full_recomputation_at_every_step(forward: str,
 
 
 def test_fused_decoder_single_row_and_shared_weights() -> None:
-    model = Transformer(CONFIG).eval()
-    model.init_weights(3)
-    reference = Transformer(CONFIG).eval()
-    reference.load_state_dict(model.state_dict())
-    fused = FusedDecoder(model)
+    model, reference, fused = fused_and_reference(3)
     layer = fused.layers[0]
     assert model.model.layers[0].self_attn.k_proj.weight.data_ptr() == layer.qkv[CONFIG.dim:].data_ptr()
     sequence, cache = [4, 8, 15, 16], KVCache(CONFIG, 1, 40, torch.device("cpu"), torch.float32)
@@ -87,11 +88,7 @@ def test_fused_decoder_single_row_and_shared_weights() -> None:
 
 
 def test_mixed_step_decodes_and_prefills_in_one_pass() -> None:
-    model = Transformer(CONFIG).eval()
-    model.init_weights(5)
-    reference = Transformer(CONFIG).eval()
-    reference.load_state_dict(model.state_dict())
-    fused = FusedDecoder(model)
+    _, reference, fused = fused_and_reference(5)
     cache = BatchKVCache(CONFIG, 64, torch.device("cpu"), torch.float32, max_rows=4)
     running = [[3, 1, 4, 1, 5], [9, 2]]  # different lengths: the masked path
     _, _, caches = fused.mixed_step([], cache, running, [False, False])
