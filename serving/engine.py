@@ -56,6 +56,9 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     text: str = ""
     streamed: str = ""
+    decoded: str = ""  # the text of output_ids[:read_offset] (incremental detokenisation)
+    prefix_offset: int = 0
+    read_offset: int = 0
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -290,7 +293,7 @@ class Engine:
             return
         request.output_ids.append(token)
         self.stats["generated_tokens"] += 1
-        text = self.decode(request.output_ids)
+        text = self._detokenize(request)
         cut = find_stop(text, params.stop)
         if cut is not None:
             request.text, request.finish_reason = text[:cut], "stop"
@@ -303,6 +306,18 @@ class Engine:
         if len(ready) > len(request.streamed):
             request.emit("delta", ready[len(request.streamed):])
             request.streamed = ready
+
+    def _detokenize(self, request: Request) -> str:
+        """The output text so far, decoding only the newest tokens (as vLLM and TGI do): a tail ending in an
+        incomplete UTF-8 character (U+FFFD) stays pending until the next token completes it."""
+        ids = request.output_ids
+        settled = self.decode(ids[request.prefix_offset:request.read_offset])
+        tail = self.decode(ids[request.prefix_offset:])[len(settled):]
+        if tail and not tail.endswith("\ufffd"):
+            request.decoded += tail
+            request.prefix_offset, request.read_offset = request.read_offset, len(ids)
+            tail = ""
+        return request.decoded + tail
 
     def _retire(self) -> None:
         keep = [i for i, r in enumerate(self.running) if r.finish_reason is None]

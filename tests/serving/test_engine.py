@@ -179,6 +179,20 @@ def test_batched_prefill_gives_each_prompt_its_own_logprobs(engine: Engine) -> N
                                                                       rel=2e-5, abs=1e-5)
 
 
+def test_incremental_detokenisation_equals_full_decode(engine: Engine) -> None:
+    from serving.engine import Request
+
+    first, second = engine.tokenizer.token_to_id("Ã"), engine.tokenizer.token_to_id("©")  # bytes C3 A9: "é"
+    request = Request([1], SamplingParams())
+    for token, expected in [(engine.encode(" the")[0], " the"), (first, " the\ufffd"), (second, " theé")]:
+        request.output_ids.append(token)
+        assert engine._detokenize(request) == expected == engine.decode(request.output_ids)
+    hot = dict(max_tokens=40, temperature=3.0, ignore_eos=True)  # random bytes: split UTF-8 characters
+    for seed in range(8):
+        sampled = engine.generate(engine.encode("the"), SamplingParams(seed=seed, **hot))
+        assert sampled.text == engine.decode(sampled.output_ids)
+
+
 @pytest.mark.parametrize(("params", "field"), [
     (SamplingParams(temperature=-1), "temperature"), (SamplingParams(top_p=0), "top_p"),
     (SamplingParams(top_p=1.5), "top_p"), (SamplingParams(max_tokens=0), "max_tokens"),
