@@ -58,10 +58,6 @@ class BatchKVCache:
         self._refresh_uniform()
         return list(range(start, start + count))
 
-    def add_row(self, prefilled: KVCache) -> int:
-        """Append a sequence prefilled in a batch-1 cache; returns its row."""
-        return self.add_rows(prefilled, [prefilled.length])[0]
-
     def keep_rows(self, rows: list[int]) -> None:
         """Keep the rows listed (ascending), in that order, as rows 0..len(rows)-1; the others leave."""
         span = int(self.lengths.max()) if self.rows else 0

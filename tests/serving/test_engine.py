@@ -61,7 +61,7 @@ def test_batch_cache_logits_equal_full_recomputation_at_every_step(forward: str,
         single = KVCache(CONFIG, 1, len(prompt), torch.device("cpu"), torch.float32)
         with torch.no_grad():
             sequence.append(int(step(torch.tensor([prompt]), single)[0, -1].argmax()))
-        cache.add_row(single)
+        cache.add_rows(single, [single.length])
     for _ in range(12):
         with torch.no_grad():
             cached = step(torch.tensor([[s[-1]] for s in sequences]), cache)[:, -1]
