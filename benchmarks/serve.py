@@ -13,7 +13,7 @@
 
 The model is the `small` preset shape (random weights, 8,192 vocabulary, context 1,024: about 12 M parameters).
 
-    .venv/bin/python benchmarks/serve.py [--threads 2] [--served-requests 6] [--served-only]
+    .venv/bin/python benchmarks/serve.py [--threads 2] [--served-requests 12] [--served-only]
 
 Last line: {"benchmark": "serve", "metrics": {...}}.
 """
@@ -210,7 +210,7 @@ def decode_comparisons(engine: Engine, hf_dir: Path, prompt: list[int], metrics:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--served-requests", type=int, default=6, help="requests per client")
+    parser.add_argument("--served-requests", type=int, default=12, help="requests per client")
     parser.add_argument("--served-tokens", type=int, default=64)
     parser.add_argument("--engine-cpus", type=float, default=1, help="CPUs (and torch threads) of the engine replica")
     parser.add_argument("--served-dtype", nargs="+", default=["float32", "bfloat16"],

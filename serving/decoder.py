@@ -12,7 +12,9 @@ FLOPs. `FusedDecoder` therefore:
   end-to-end effect); batches of rows and prefill use the BLAS GEMM;
 - uses `F.rms_norm` and calls no `nn.Module`, so a step is a short list of tensor ops;
 - skips the attention mask when every row of a decode step has the same length (one query per row sees
-  all its keys), and uses SDPA's causal kernel for a fresh prefill.
+  all its keys), and uses SDPA's causal kernel for a fresh prefill;
+- computes single-query (decode) attention on CPU as two batched matmuls (`attention`): CPU SDPA is 7-14x
+  slower for one bf16 query per row.
 
 Logits equal the module forward's within float rounding (tests: 1e-5 in fp32).
 """
@@ -55,6 +57,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == weight.shape[1]:
         return torch.linalg.vecdot(weight, x.reshape(1, -1)).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+              ) -> torch.Tensor:
+    """Attention of q (B, H, T, D) over k/v (B, KV, S, D) with grouped heads (head h reads kv head h // (H/KV)).
+
+    One query per row on CPU (a decode step) is two batched matmuls with the softmax in fp32: PyTorch's CPU
+    SDPA takes a slow path for a single bf16 query (7-14x slower than these matmuls on this CPU for 16 rows
+    of 70-300 keys; equal in fp32). Everything else is `F.scaled_dot_product_attention`."""
+    rows, heads, queries, head_dim = q.shape
+    kv_heads, span = k.shape[1], k.shape[2]
+    if q.device.type != "cpu" or queries != 1 or causal:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=kv_heads != heads)
+    grouped = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
+    if k.dtype == torch.float32:
+        scores = torch.matmul(grouped, k.transpose(-1, -2))  # (B, KV, H/KV, S)
+    else:  # bf16 GEMM on CPU is 2-5x faster with the cached keys (a strided slice) as the left operand
+        scores = torch.matmul(k, grouped.transpose(-1, -2)).transpose(-1, -2)
+    scores = scores.float() * head_dim ** -0.5
+    if mask is not None:  # (B, 1, 1, S): the keys each row may see
+        scores = scores.masked_fill(~mask.view(rows, 1, 1, span), float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(weights, v).view(rows, heads, 1, head_dim)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -114,7 +140,7 @@ class FusedDecoder:
         q = apply_rope(q.view(batch, new, -1, head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(batch, new, -1, head_dim).transpose(1, 2), cos, sin)
         k, v = cache.update(index, k, v.view(batch, new, -1, head_dim).transpose(1, 2))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.gqa)
+        out = attention(q, k, v, mask, causal)
         return linear(out.transpose(1, 2).reshape(batch, new, -1), layer.o)
 
     @torch.no_grad()
@@ -150,8 +176,7 @@ class FusedDecoder:
             outputs = []
             if rows:  # (R, H, 1, D) against each row's cached keys
                 keys, values = cache.update(index, k[:rows, :, None], v[:rows, :, None])
-                outputs.append(F.scaled_dot_product_attention(q[:rows, :, None], keys, values, attn_mask=mask,
-                                                              is_causal=causal, enable_gqa=self.gqa)[:, :, 0])
+                outputs.append(attention(q[:rows, :, None], keys, values, mask, causal)[:, :, 0])
             start = rows
             for length, own in zip(lengths, fresh, strict=True):
                 part = slice(start, start + length)
@@ -179,6 +204,7 @@ class FusedDecoder:
             spans.append(slice(first, len(wanted)))
             start += length
         logits = linear(rms_norm(x[wanted], self.final_norm, self.eps), self.lm_head)
+        logits = logits.float()  # sampling and argmax in fp32 (a bf16 argmax is ~5x slower on CPU)
         return (logits[:rows] if rows else None), [logits[span] for span in spans]
 
     @staticmethod

@@ -325,8 +325,7 @@ class Engine:
             return
         for request in (r for r in self.running if r.finish_reason is not None):
             self._finish(request)
-        self.running = [self.running[i] for i in keep]
-        self.cache.keep_rows(keep)
+        self.running = [self.running[i] for i in self.cache.keep_rows(keep)]
 
     def _finish(self, request: Request) -> None:
         if len(request.text) > len(request.streamed):

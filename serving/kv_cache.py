@@ -2,9 +2,9 @@
 
 Keys and values live in tensors of shape (max_rows, kv_heads, capacity, head_dim) per layer, allocated once
 (as vLLM reserves its KV memory up front); the running sequences occupy rows 0..rows-1. Rows join at step
-boundaries (`add_rows`, copying a prefilled cache into the next free rows) and leave (`keep_rows`, which
-moves the surviving rows down; only rows after the first departed one are copied). A decode step appends
-one token per row at that row's own position; attention sees keys up to each row's length (a boolean mask,
+boundaries (`add_rows`, copying a prefilled cache into the next free rows) and leave (`keep_rows`: the last
+rows move into the holes the leavers left, so a departure copies only as many rows as left). A decode step
+appends one token per row at that row's own position; attention sees keys up to each row's length (a boolean mask,
 or none when all rows have the same length), RoPE uses each row's position. Follows the cache protocol of
 `workers.model.KVCache` (positions / attention_mask / update / advance).
 
@@ -30,6 +30,8 @@ class BatchKVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.lengths = torch.zeros(0, dtype=torch.long, device=device)
         self._uniform: int | None = None  # the common length of all rows, None when they differ
+        self._longest = 0  # the longest row's length
+        self._slots: torch.Tensor | None = None  # this step's write positions (see `_write_slots`)
 
     @property
     def rows(self) -> int:
@@ -41,7 +43,16 @@ class BatchKVCache:
 
     def _refresh_uniform(self) -> None:
         low, high = (int(self.lengths.min()), int(self.lengths.max())) if self.rows else (0, 0)
-        self._uniform = low if low == high else None
+        self._uniform, self._longest, self._slots = (low if low == high else None), high, None
+
+    def _write_slots(self) -> torch.Tensor:
+        """Where one new token per row goes in a layer's keys viewed as (max_rows * kv_heads * capacity,
+        head_dim): row r, head h at position lengths[r]. Computed once per step, shared by every layer."""
+        if self._slots is None:
+            rows = torch.arange(self.rows, device=self.device)[:, None]
+            heads = torch.arange(self.config.n_kv_heads, device=self.device)[None]
+            self._slots = ((rows * self.config.n_kv_heads + heads) * self.capacity + self.lengths[:, None]).reshape(-1)
+        return self._slots
 
     def add_rows(self, prefilled: KVCache | BatchKVCache, lengths: list[int]) -> list[int]:
         """Append the sequences of a prefilled cache (row i holds `lengths[i]` positions); returns their rows."""
@@ -58,36 +69,49 @@ class BatchKVCache:
         self._refresh_uniform()
         return list(range(start, start + count))
 
-    def keep_rows(self, rows: list[int]) -> None:
-        """Keep the rows listed (ascending), in that order, as rows 0..len(rows)-1; the others leave."""
-        span = int(self.lengths.max()) if self.rows else 0
-        for new, old in enumerate(rows):
-            if new != old:  # old > new: its source is never overwritten before it is read
-                for store in (self.keys, self.values):
-                    for layer in range(self.config.n_layers):
-                        store[layer][new, :, :span] = store[layer][old, :, :span]
-        self.lengths = self.lengths[torch.tensor(rows, dtype=torch.long, device=self.device)]
+    def keep_rows(self, rows: list[int]) -> list[int]:
+        """Keep the rows listed; the others leave. Survivors past the new row count move into the holes the
+        leavers left (one indexed copy per layer and store, whatever the number of rows). Returns, for each new
+        row 0..len(rows)-1, the old row it holds."""
+        count, kept = len(rows), set(rows)
+        holes = [row for row in range(count) if row not in kept]
+        movers = [row for row in rows if row >= count]
+        order = list(range(count))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        if movers:
+            span = int(self.lengths.max())
+            target = torch.tensor(holes, dtype=torch.long, device=self.device)
+            source = torch.tensor(movers, dtype=torch.long, device=self.device)
+            for store in (self.keys, self.values):
+                for layer in range(self.config.n_layers):
+                    store[layer][target, :, :span] = store[layer][source, :, :span]
+        self.lengths = self.lengths[torch.tensor(order, dtype=torch.long, device=self.device)]
         self._refresh_uniform()
+        return order
 
     # the cache protocol of workers.model
     def positions(self, new: int, device: torch.device) -> torch.Tensor:
         return self.lengths[:, None] + torch.arange(new, device=device)[None]
 
     def attention_mask(self, new: int, device: torch.device) -> torch.Tensor:
-        span = int(self.lengths.max()) + new
+        span = self._longest + new
         key_pos = torch.arange(span, device=device)[None, None, None, :]
         query_pos = (self.lengths[:, None] + torch.arange(new, device=device)[None])[:, None, :, None]
         return key_pos <= query_pos  # (rows, 1, new, span)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        new, rows = k.shape[2], self.rows
-        top = self._uniform if self._uniform is not None else int(self.lengths.max())
+        new, rows, top = k.shape[2], self.rows, self._longest
         if top + new > self.capacity:
             raise ValueError(f"KV cache full: capacity {self.capacity}")
         keys, values = self.keys[layer][:rows], self.values[layer][:rows]
         if self._uniform is not None:  # every row writes the same positions: a slice
             keys[:, :, top:top + new] = k
             values[:, :, top:top + new] = v
+        elif new == 1:  # a decode step: one indexed copy per store
+            head_dim = self.config.head_dim
+            self.keys[layer].view(-1, head_dim).index_copy_(0, self._write_slots(), k.reshape(-1, head_dim))
+            self.values[layer].view(-1, head_dim).index_copy_(0, self._write_slots(), v.reshape(-1, head_dim))
         else:
             index = torch.arange(rows, device=self.device)
             for offset in range(new):
@@ -97,5 +121,6 @@ class BatchKVCache:
 
     def advance(self, new: int) -> None:
         self.lengths = self.lengths + new
+        self._longest, self._slots = self._longest + new, None
         if self._uniform is not None:
             self._uniform += new

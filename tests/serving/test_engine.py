@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dataprep.tokenizer import EOT_TOKEN, train_bpe
-from serving.decoder import FusedDecoder
+from serving.decoder import FusedDecoder, attention
 from serving.engine import Engine
 from serving.kv_cache import BatchKVCache
 from serving.sampling import RequestError, SamplingParams, safe_prefix
@@ -104,6 +104,37 @@ def test_mixed_step_decodes_and_prefills_in_one_pass() -> None:
         assert prompt_logits[1].shape[0] == 1
         assert torch.allclose(prompt_logits[1][0], reference(torch.tensor([prompts[1]]))[0, -1], atol=1e-5)
     assert cache.lengths.tolist() == [6, 3]
+
+
+def test_keep_rows_moves_the_last_rows_into_the_holes() -> None:
+    cache = BatchKVCache(CONFIG, 16, torch.device("cpu"), torch.float32, max_rows=6)
+    prefilled = KVCache(CONFIG, 6, 16, torch.device("cpu"), torch.float32)
+    for store in (prefilled.keys, prefilled.values):
+        for layer in store:
+            layer.normal_()
+    lengths = [3, 5, 2, 7, 4, 6]
+    cache.add_rows(prefilled, lengths)
+    order = cache.keep_rows([0, 2, 4, 5])  # rows 1 and 3 leave
+    assert sorted(order) == [0, 2, 4, 5] and order[0] == 0 and order[2] == 2  # rows in place stay
+    assert cache.lengths.tolist() == [lengths[old] for old in order]
+    for new, old in enumerate(order):
+        span = lengths[old]
+        for layer in range(CONFIG.n_layers):
+            assert torch.equal(cache.keys[layer][new, :, :span], prefilled.keys[layer][old, :, :span])
+            assert torch.equal(cache.values[layer][new, :, :span], prefilled.values[layer][old, :, :span])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    keys_buffer = torch.randn(5, 2, 64, 16, generator=generator)  # a cache slice: strided like the engine's
+    q, k, v = torch.randn(5, 6, 1, 16, generator=generator), keys_buffer[:, :, :40], keys_buffer[:, :, 20:60]
+    mask = torch.arange(40)[None, None, None, :] < torch.tensor([40, 3, 17, 1, 33])[:, None, None, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, False).float()
+    assert torch.allclose(got, expected, atol=1e-6 if dtype == torch.float32 else 3e-2)
+    unmasked = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert torch.allclose(attention(q, k, v, None, False), unmasked, atol=1e-6)
 
 
 def test_greedy_beam1_and_topk1_equal_recomputed_argmax(engine: Engine) -> None:

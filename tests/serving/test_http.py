@@ -1,7 +1,9 @@
-"""The OpenAI-compatible HTTP API on a real local Ray Serve app (loopback), with a tiny exported model."""
+"""The OpenAI-compatible HTTP API on a real local Ray Serve app (loopback), with a tiny exported model; the main
+app is built from infra/serve.yaml as `serve deploy` would build it (schema-validated, import path + args)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import socket
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+import yaml
 
 from dataprep.tokenizer import save_tokenizer, train_bpe
 from workers.checkpoint import save_checkpoint
@@ -18,6 +21,7 @@ from workers.export import export_hf
 from workers.model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.integration
+SERVE_CONFIG = Path(__file__).resolve().parents[2] / "infra" / "serve.yaml"
 CONFIG = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
 TEXT = "the cat sat on the mat. a dog ran in the park. the sun is hot and the sky is blue."
 
@@ -39,6 +43,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_hf(checkpoint, root / "tok", root / "hf")
 
 
+def app_from_serve_config(**overrides: object) -> object:
+    """The application `serve deploy infra/serve.yaml` would build: the file validated with Serve's own deploy
+    schema, its import path imported and called with its args (`overrides` replaced: the model, its name)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
+    app = config.applications[0]
+    module, attribute = app.import_path.split(":")
+    return getattr(importlib.import_module(module), attribute)({**app.args, **overrides})
+
+
 @pytest.fixture(scope="module")
 def server(model_dir: Path, ray_local: None) -> Iterator[dict[str, str]]:
     from ray import serve
@@ -47,7 +62,7 @@ def server(model_dir: Path, ray_local: None) -> Iterator[dict[str, str]]:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder({"model": str(model_dir), "name": "tiny", "engine_cpus": 0.5}), name="open",
+    serve.run(app_from_serve_config(model=str(model_dir), name="tiny", engine_cpus=0.5), name="open",
               route_prefix="/")
     serve.run(app_builder({"model": str(model_dir), "name": "tiny", "engine_cpus": 0.5, "api_key": "sekret",
                            "request_timeout_s": 0.001}),  # below one handle round trip: every generate → 408
