@@ -78,6 +78,18 @@ def make_warc(records: list[dict], *, gzip: bool = True, version: str = "1.0") -
     return buffer.getvalue()
 
 
+def mid_member_cut(warc_gz: bytes, record: int) -> int:
+    """A byte offset halfway through the gzip member of `record`: inside its compressed data, never in the
+    8-byte gzip trailer alone (a cut there leaves the record's content whole, which the reader keeps)."""
+    from warcio.archiveiterator import ArchiveIterator
+
+    iterator, starts = ArchiveIterator(io.BytesIO(warc_gz)), []
+    for entry in iterator:
+        starts.append(iterator.get_record_offset())
+        entry.content_stream().read()
+    return (starts[record] + starts[record + 1]) // 2
+
+
 def html_page(title: str, paragraphs: list[str], charset: str = "utf-8") -> str:
     """A page with navigation, footer and an article, like the sample crawl's."""
     from dataprep.sample import render_page

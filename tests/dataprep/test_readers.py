@@ -13,7 +13,7 @@ import pytest
 import zstandard
 
 from dataprep.readers import detect_format, iter_warc, open_records, parse_timestamp
-from tests.conftest import make_warc
+from tests.conftest import make_warc, mid_member_cut
 
 PAGES = [{"url": f"https://site.example/{i}", "body": f"<html><p>page {i}</p></html>".encode()} for i in range(5)]
 
@@ -59,12 +59,20 @@ def test_start_index_skips_without_losing_records(tmp_path: Path) -> None:
 def test_truncated_gzip_flags_the_cut_record(tmp_path: Path) -> None:
     data = make_warc(PAGES * 40)
     path = tmp_path / "cut.warc.gz"
-    path.write_bytes(data[: len(data) * 2 // 3])
+    path.write_bytes(data[: mid_member_cut(data, 130)])
     records = list(open_records(str(path), "warc"))
-    assert records, "records before the cut are kept"
+    assert [r.index for r in records if r.problem is None] == list(range(130)), "records before the cut are kept"
     problems = [r.problem for r in records if r.problem]
     assert problems and set(problems) <= {"truncated_record", "corrupt_gzip", "malformed_record"}
     assert all(r.problem is None for r in records[:-1])
+
+
+def test_cut_in_the_last_gzip_trailer_keeps_the_whole_record(tmp_path: Path) -> None:
+    """Only the CRC/size trailer of the last member is gone: the record's content is whole and kept."""
+    path = tmp_path / "cut.warc.gz"
+    path.write_bytes(make_warc(PAGES)[:-3])
+    records = list(open_records(str(path), "warc"))
+    assert [r.problem for r in records] == [None] * 5 and records[-1].payload == PAGES[-1]["body"]
 
 
 def test_malformed_record_is_reported_and_reader_resyncs(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 from flows.config import parse_config
 from flows.ingest import ingest_flow
 from flows.inputs import InputError
-from tests.conftest import make_warc
+from tests.conftest import make_warc, mid_member_cut
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +126,7 @@ def test_bad_input_is_quarantined_and_the_rest_completes(tmp_path: Path, flow_en
                        + b"</p></body></html>"} for i in range(30)])
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "good.warc.gz").write_bytes(good)
-    (tmp_path / "in" / "truncated.warc.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "in" / "truncated.warc.gz").write_bytes(good[: mid_member_cut(good, 15)])
     (tmp_path / "in" / "notes.jsonl").write_bytes(b'{"text": "a fine note"}\n{broken\n\xff\xfe{"text": 1}\n')
     result = ingest_flow(_config(tmp_path / "run", [str(tmp_path / "in" / "*")]))
     stats = result["stats"]
