@@ -9,7 +9,8 @@ Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/comp
 with `data: [DONE]`), POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /metrics (Prometheus),
 GET /engine_stats (one engine replica's counters: steps, seconds busy, tokens, running/waiting sequences).
 Errors are OpenAI-style bodies: 400 naming the field, 401 without the API key (when one is set), 408 past
-the request timeout, 500 for an internal error (the replica keeps serving).
+the request timeout, 500 for an internal error (the replica keeps serving). A call that Serve cancels (the client
+disconnected or timed out) aborts its engine request, freeing the batch row.
 """
 
 from __future__ import annotations
@@ -115,23 +116,30 @@ class EngineServer:
             elif kind == "error":
                 loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(payload))
 
-        self._submit(prompt, params, on_event)
-        return result_dict(self.engine, await future)
+        request = self._submit(prompt, params, on_event)
+        try:
+            return result_dict(self.engine, await future)
+        except asyncio.CancelledError:  # the caller disconnected or timed out (Serve cancels the call): free the row
+            self.engine.abort(request)
+            raise
 
     async def stream(self, prompt: str | list[int], params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._submit(prompt, params, lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait,
-                                                                                      (kind, payload)))
-        while True:
-            kind, payload = await events.get()
-            if kind == "delta":
-                yield {"delta": payload}
-            elif kind == "error":
-                raise payload
-            else:
-                yield {"done": result_dict(self.engine, payload)}
-                return
+        request = self._submit(prompt, params, lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait,
+                                                                                                (kind, payload)))
+        try:
+            while True:
+                kind, payload = await events.get()
+                if kind == "delta":
+                    yield {"delta": payload}
+                elif kind == "error":
+                    raise payload
+                else:
+                    yield {"done": result_dict(self.engine, payload)}
+                    return
+        finally:  # the stream was closed or cancelled before the end (client disconnect): free the row
+            self.engine.abort(request)
 
     def check_health(self) -> None:
         if self.engine.thread is None or not self.engine.thread.is_alive():

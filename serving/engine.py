@@ -8,6 +8,8 @@
   join the running batch (`serving.kv_cache.BatchKVCache`, preallocated rows): the weights are read once
   per step however many requests join. Finished sequences leave. `step()` is one such iteration;
   `run_until_idle()` drives it synchronously; `start()` runs it on a background thread (the Serve replica).
+- `abort(request)` (any thread): the request leaves at the next step boundary (the Serve replica calls it
+  when its caller disconnects or times out).
 - Beam search (beam_width > 1) runs as its own batch of beams with a shared-prefix cache that is reordered
   each step; scores are summed logprobs divided by length**length_penalty; with early stopping it ends once
   beam_width hypotheses are finished.
@@ -62,6 +64,7 @@ class Request:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    aborted: bool = False  # set by `Engine.abort` from any thread; the scheduler retires it at the next step
     error: Exception | None = None
     started: float = field(default_factory=time.time)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -132,7 +135,8 @@ class Engine:
         self.cache = BatchKVCache(self.config, self.config.max_seq_len, self.device, self.dtype, max_batch)
         self.wakeup = threading.Event()
         self.thread: threading.Thread | None = None
-        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "busy_s": 0.0}
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "busy_s": 0.0,
+                      "aborted": 0}
 
     @classmethod
     def load(cls, path: Path, name: str = "forgeline", max_batch: int = 16, dtype: str = "float32") -> Engine:
@@ -189,6 +193,13 @@ class Engine:
         self.wakeup.set()
         return request
 
+    def abort(self, request: Request) -> None:
+        """Stop a request whose caller went away (client disconnect, timeout): it leaves the batch at the next
+        step boundary with finish_reason "abort", freeing its row, as vLLM aborts requests. Thread-safe."""
+        if not request.done.is_set():
+            request.aborted = True
+            self.wakeup.set()
+
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Request:
         """Submit and wait (drives the scheduler itself when no background thread runs)."""
         request = self.submit(prompt_ids, params)
@@ -222,6 +233,10 @@ class Engine:
         """One forward pass: the next token of every running sequence and the prompts of the waiting requests
         that fit (their prefill folded into the same pass); finished sequences leave."""
         started = time.perf_counter()
+        for request in self.running:
+            if request.aborted:
+                request.finish_reason = "abort"
+        self._retire()
         admitted = self._take_waiting()
         if self.running or admitted:
             self._guarded(admitted, self._forward)
@@ -233,7 +248,10 @@ class Engine:
         admitted: list[Request] = []
         while len(self.running) + len(admitted) < self.max_batch and not self.waiting.empty():
             request = self.waiting.get_nowait()
-            if request.params.beam_width > 1:
+            if request.aborted:
+                request.finish_reason = "abort"
+                self._finish(request)
+            elif request.params.beam_width > 1:
                 self._guarded([request], self._beam_search)
             else:
                 admitted.append(request)
@@ -328,6 +346,8 @@ class Engine:
         self.running = [self.running[i] for i in self.cache.keep_rows(keep)]
 
     def _finish(self, request: Request) -> None:
+        if request.finish_reason == "abort":
+            self.stats["aborted"] += 1
         if len(request.text) > len(request.streamed):
             request.emit("delta", request.text[len(request.streamed):])
             request.streamed = request.text
@@ -349,6 +369,10 @@ class Engine:
             return total / max(1, len(tokens)) ** params.length_penalty
 
         for _ in range(params.max_tokens):
+            if request.aborted:  # its caller went away: stop searching
+                request.finish_reason = "abort"
+                self._finish(request)
+                return
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             candidates = []
             for row, (_tokens, total) in enumerate(beams):

@@ -181,6 +181,28 @@ def test_continuous_batching_joins_and_leaves_at_step_boundaries(engine: Engine)
     assert [r.finish_reason for r in early + late] == ["length"] * 6
 
 
+def test_abort_frees_the_row_at_the_next_step(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    prompts = [engine.encode(t) for t in ("the cat", "a dog ran", "the sky")]
+    alone = engine.generate(prompts[0], params).output_ids
+    before = engine.stats["aborted"]
+    first, dropped, last = (engine.submit(p, params) for p in prompts)
+    engine.step()
+    engine.step()
+    engine.abort(dropped)
+    engine.step()
+    assert dropped.finish_reason == "abort" and dropped.done.is_set() and dropped not in engine.running
+    assert len(dropped.output_ids) == 2 and len(engine.running) == 2
+    never_ran = engine.submit(prompts[1], params)
+    engine.abort(never_ran)
+    engine.run_until_idle()
+    assert never_ran.finish_reason == "abort" and never_ran.output_ids == []
+    assert first.output_ids == alone and len(last.output_ids) == 30, "the other rows are unaffected"
+    assert engine.stats["aborted"] == before + 2
+    engine.abort(first)  # after it finished: nothing happens
+    assert first.finish_reason == "length" and engine.stats["aborted"] == before + 2
+
+
 def test_stops_echo_and_logprobs(engine: Engine) -> None:
     prompt = engine.encode("the cat sat on")
     free = engine.generate(prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +23,7 @@ from workers.model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.integration
 SERVE_CONFIG = Path(__file__).resolve().parents[2] / "infra" / "serve.yaml"
-CONFIG = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
+CONFIG = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=4096)
 TEXT = "the cat sat on the mat. a dog ran in the park. the sun is hot and the sky is blue."
 
 
@@ -81,7 +82,7 @@ def test_info_endpoints(client: httpx.Client) -> None:
     assert client.get("/health").json() == {"status": "ok", "dtype": "float32", "torch_threads": 1}
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
     tokens = client.post("/tokenize", json={"prompt": "the cat"}).json()
-    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 128
+    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 4096
     assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"] == "the cat"
     assert client.get("/tokenizer_info").json()["eos_token"] == "<|endoftext|>"
     assert "forgeline_requests_total" in client.get("/metrics").text
@@ -125,6 +126,30 @@ def test_streaming_completion_and_chat_end_with_done(client: httpx.Client) -> No
     assert json.loads(chat_lines[0][6:])["choices"][0]["delta"]["role"] == "assistant"
 
 
+def test_client_disconnect_aborts_the_request(client: httpx.Client, server: dict[str, str]) -> None:
+    """A client that leaves (closes its stream, or times out on a plain request) frees its engine row: Serve cancels
+    the call and the replica aborts the request."""
+    before = client.get("/engine_stats").json()
+    with httpx.Client(base_url=server["base"], timeout=60) as http, http.stream(
+            "POST", "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 4000, "temperature": 0,
+                                             "stream": True, "ignore_eos": True}) as stream:
+        first = next(line for line in stream.iter_lines() if line.startswith("data: "))
+    assert json.loads(first[6:])["choices"][0]["text"] is not None  # it was generating when the client left
+    deadline = time.time() + 60
+    while (stats := client.get("/engine_stats").json())["aborted"] == before["aborted"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert stats["aborted"] == before["aborted"] + 1 and stats["running"] == 0
+    assert stats["generated_tokens"] - before["generated_tokens"] < 4000, "stopped before max_tokens"
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming caller that gives up: the same
+        client.post("/v1/completions", timeout=0.5, json={"model": "tiny", "prompt": "the", "max_tokens": 4000,
+                                                          "temperature": 0, "ignore_eos": True})
+    deadline = time.time() + 60
+    while (after := client.get("/engine_stats").json())["aborted"] == stats["aborted"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert after["aborted"] == stats["aborted"] + 1 and after["running"] == 0
+    assert after["generated_tokens"] - stats["generated_tokens"] < 4000  # ~1,000 tokens/s: ~4 s to finish
+
+
 def test_openai_client_unchanged(server: dict[str, str]) -> None:
     openai = pytest.importorskip("openai")
     api = openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused")
@@ -144,7 +169,7 @@ def test_openai_client_unchanged(server: dict[str, str]) -> None:
     ({"model": "tiny", "prompt": "x", "top_p": 0}, "top_p"),
     ({"model": "tiny", "prompt": "x", "top_p": 1.5}, "top_p"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": 500}, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 4096}, "max_tokens"),
     ({"model": "tiny"}, "prompt"),
 ])
 def test_bad_requests_are_400_naming_the_field(client: httpx.Client, payload: dict, param: str) -> None:
