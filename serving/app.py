@@ -119,9 +119,8 @@ class EngineServer:
         request = self._submit(prompt, params, on_event)
         try:
             return result_dict(self.engine, await future)
-        except asyncio.CancelledError:  # the caller disconnected or timed out (Serve cancels the call): free the row
+        finally:  # cancelled by Serve (the caller disconnected or timed out) before the end: free the row
             self.engine.abort(request)
-            raise
 
     async def stream(self, prompt: str | list[int], params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()

@@ -97,7 +97,6 @@ class FusedDecoder:
         config = model.config
         self.config, self.eps = config, config.norm_eps
         self.q_dim, self.kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-        self.gqa = config.n_kv_heads != config.n_heads
         backbone = model.model
         with torch.no_grad():
             self.layers = [FusedLayer(
@@ -181,8 +180,7 @@ class FusedDecoder:
             for length, own in zip(lengths, fresh, strict=True):
                 part = slice(start, start + length)
                 keys, values = own.update(index, k[part].transpose(0, 1)[None], v[part].transpose(0, 1)[None])
-                out = F.scaled_dot_product_attention(q[part].transpose(0, 1)[None], keys, values, is_causal=True,
-                                                     enable_gqa=self.gqa)
+                out = attention(q[part].transpose(0, 1)[None], keys, values, None, True)
                 outputs.append(out[0].transpose(0, 1))
                 start += length
             x = x + linear(torch.cat(outputs).reshape(len(tokens), -1), layer.o)

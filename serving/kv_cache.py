@@ -80,7 +80,7 @@ class BatchKVCache:
         for hole, mover in zip(holes, movers, strict=True):
             order[hole] = mover
         if movers:
-            span = int(self.lengths.max())
+            span = self._longest
             target = torch.tensor(holes, dtype=torch.long, device=self.device)
             source = torch.tensor(movers, dtype=torch.long, device=self.device)
             for store in (self.keys, self.values):
@@ -109,9 +109,9 @@ class BatchKVCache:
             keys[:, :, top:top + new] = k
             values[:, :, top:top + new] = v
         elif new == 1:  # a decode step: one indexed copy per store
-            head_dim = self.config.head_dim
-            self.keys[layer].view(-1, head_dim).index_copy_(0, self._write_slots(), k.reshape(-1, head_dim))
-            self.values[layer].view(-1, head_dim).index_copy_(0, self._write_slots(), v.reshape(-1, head_dim))
+            head_dim, slots = self.config.head_dim, self._write_slots()
+            self.keys[layer].view(-1, head_dim).index_copy_(0, slots, k.reshape(-1, head_dim))
+            self.values[layer].view(-1, head_dim).index_copy_(0, slots, v.reshape(-1, head_dim))
         else:
             index = torch.arange(rows, device=self.device)
             for offset in range(new):
