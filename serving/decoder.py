@@ -52,10 +52,28 @@ def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
     return fused
 
 
+def _onednn_linear() -> Any:
+    """PyTorch's oneDNN linear op (what `torch.compile` lowers CPU linears to), or None where it is missing."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+ONEDNN_LINEAR = _onednn_linear()
+ONEDNN_MIN_ROWS = 4  # below this MKL's fp32 GEMM is as fast or faster on this CPU
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T`; a single fp32 row on CPU as multiply-and-sum (bandwidth-bound GEMV, see the module doc)."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == weight.shape[1]:
-        return torch.linalg.vecdot(weight, x.reshape(1, -1)).view(*x.shape[:-1], weight.shape[0])
+    """`x @ weight.T`. On CPU in fp32: a single row as multiply-and-sum (bandwidth-bound GEMV, see the module
+    doc); 4 rows or more through oneDNN, whose fp32 GEMM runs 1.4-2.3x faster than MKL's here (16 rows:
+    185 vs 327 µs for a 2,048 x 384 weight; a 200-token prefill: 1.46 vs 3.33 ms)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        if x.numel() == weight.shape[1]:
+            return torch.linalg.vecdot(weight, x.reshape(1, -1)).view(*x.shape[:-1], weight.shape[0])
+        if ONEDNN_LINEAR is not None and x.numel() >= ONEDNN_MIN_ROWS * weight.shape[1]:
+            flat = ONEDNN_LINEAR(x.reshape(-1, x.shape[-1]), weight, None, "none", [], "")
+            return flat.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dataprep.tokenizer import EOT_TOKEN, train_bpe
-from serving.decoder import FusedDecoder, attention
+from serving.decoder import FusedDecoder, attention, linear
 from serving.engine import Engine
 from serving.kv_cache import BatchKVCache
 from serving.sampling import RequestError, SamplingParams, safe_prefix
@@ -122,6 +122,14 @@ def test_keep_rows_moves_the_last_rows_into_the_holes() -> None:
         for layer in range(CONFIG.n_layers):
             assert torch.equal(cache.keys[layer][new, :, :span], prefilled.keys[layer][old, :, :span])
             assert torch.equal(cache.values[layer][new, :, :span], prefilled.values[layer][old, :, :span])
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 64), (4, 64), (16, 64), (2, 9, 64)])
+def test_linear_paths_equal_f_linear(shape: tuple[int, ...]) -> None:
+    """GEMV as multiply-and-sum (1 row), MKL (2-3 rows), oneDNN (4+ rows, any leading shape): one result."""
+    generator = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(*shape, generator=generator), torch.randn(96, 64, generator=generator)
+    assert torch.allclose(linear(x, weight), torch.nn.functional.linear(x, weight), atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
