@@ -9,7 +9,7 @@ FLOPs. `FusedDecoder` therefore:
 - multiplies one row by a matrix (batch-1 decode) as an elementwise product summed along rows on CPU:
   PyTorch's CPU wheels use MKL, whose GEMV reads weights at ~13 GB/s on AMD EPYC (1 thread or 2), while
   the product-and-sum runs at 21 GB/s on 1 thread and 30 GB/s on 2 (`benchmarks/serve.py` measures the
-  end-to-end effect); batches of rows and prefill use the BLAS GEMM;
+  end-to-end effect); fp32 batches of 4+ rows and prefill use oneDNN's GEMM (`linear`), the rest `F.linear`;
 - uses `F.rms_norm` and calls no `nn.Module`, so a step is a short list of tensor ops;
 - skips the attention mask when every row of a decode step has the same length (one query per row sees
   all its keys), and uses SDPA's causal kernel for a fresh prefill;
