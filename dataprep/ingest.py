@@ -11,16 +11,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import xxhash
+from pydantic import Field
 
 from dataprep.charset import decode_html, decode_utf8_text
-from dataprep.extract import get_extractor
+from dataprep.extract import ExtractorName, get_extractor
 from dataprep.readers import FieldMap, RawRecord, open_records
 from dataprep.shards import publish_table, read_shard_meta
-from dataprep.stage import FaultPlan, StageDir, merge_counts, shard_name
+from dataprep.stage import ConfigLocation, FaultPlan, StageConfig, StageDir, merge_counts, shard_name
 
 CODE_VERSION = "ingest-1"
 DATA_DIR = "data"
@@ -69,17 +70,18 @@ _BINARY_MAGIC = (
 )
 
 
-@dataclass(frozen=True)
-class IngestSettings:
-    """What a worker needs to turn one input file into shards (derived from the ingest config)."""
+class IngestConfig(StageConfig):
+    """The ingest stage: crawl files → documents (the same object in the flow and in every Ray task)."""
 
-    extractor: str = "resiliparse"
-    max_payload_bytes: int = 10_000_000
-    min_text_chars: int = 1
-    max_invalid_fraction: float = 0.01
-    shard_max_records: int = 2000
-    shard_max_bytes: int = 64_000_000
-    fields: FieldMap = field(default_factory=FieldMap)
+    inputs: list[ConfigLocation] = Field(..., min_length=1, description="paths, globs or fsspec URLs")
+    format: Literal["auto", "warc", "wet", "jsonl", "parquet"] = "auto"
+    extractor: ExtractorName = "resiliparse"
+    max_payload_bytes: int = Field(10_000_000, ge=1)
+    min_text_chars: int = Field(1, ge=0)
+    max_invalid_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    shard_max_records: int = Field(2000, ge=1)
+    shard_max_bytes: int = Field(64_000_000, ge=1)
+    fields: FieldMap = FieldMap()
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def _document(raw: RawRecord, text: str, charset: str | None) -> dict[str, Any]:
     }
 
 
-def _html_text(raw: RawRecord, settings: IngestSettings) -> tuple[str | None, str | None, str | None]:
+def _html_text(raw: RawRecord, settings: IngestConfig) -> tuple[str | None, str | None, str | None]:
     """(text, charset, rejection reason) for an HTML payload."""
     payload = raw.payload or b""
     media = _media_type(raw.content_type)
@@ -168,7 +170,7 @@ def _html_text(raw: RawRecord, settings: IngestSettings) -> tuple[str | None, st
     return text, decoded.encoding, None
 
 
-def process_record(raw: RawRecord, settings: IngestSettings) -> tuple[str, dict[str, Any] | None, str]:
+def process_record(raw: RawRecord, settings: IngestConfig) -> tuple[str, dict[str, Any] | None, str]:
     """Classify one record: ("doc", row, ""), ("quarantine", row, reason) or ("skip", None, reason)."""
     if raw.problem:
         return "quarantine", _rejection(raw, raw.problem), raw.problem
@@ -185,9 +187,10 @@ def process_record(raw: RawRecord, settings: IngestSettings) -> tuple[str, dict[
     if raw.source_format == "warc":
         if not raw.payload:
             return "quarantine", _rejection(raw, "empty_payload"), "empty_payload"
-        text, charset, reason = _html_text(raw, settings)
+        html_text, charset, reason = _html_text(raw, settings)
         if reason:
             return "quarantine", _rejection(raw, reason), reason
+        text = html_text or ""
     elif raw.source_format == "wet":
         decoded = decode_utf8_text(raw.payload or b"")
         if decoded.replaced_fraction > settings.max_invalid_fraction:
@@ -251,7 +254,7 @@ class _ChunkBuffer:
         else:
             merge_counts(self.stats.skipped, {reason: 1})
 
-    def full(self, settings: IngestSettings) -> bool:
+    def full(self, settings: IngestConfig) -> bool:
         rows = len(self.docs) + len(self.rejected)
         return rows >= settings.shard_max_records or self.text_bytes >= settings.shard_max_bytes
 
@@ -290,7 +293,7 @@ def _resume_point(stage: StageDir, unit: IngestUnit) -> tuple[int, int, ChunkSta
     return len(shards), next_index, totals
 
 
-def iter_unit_records(unit: IngestUnit, settings: IngestSettings, start_index: int) -> Iterator[RawRecord]:
+def iter_unit_records(unit: IngestUnit, settings: IngestConfig, start_index: int) -> Iterator[RawRecord]:
     return open_records(
         unit.uri, unit.fmt, fields=settings.fields, start_index=start_index,
         max_payload_bytes=settings.max_payload_bytes,
@@ -298,7 +301,7 @@ def iter_unit_records(unit: IngestUnit, settings: IngestSettings, start_index: i
 
 
 def run_ingest_unit(
-    stage: StageDir, unit: IngestUnit, settings: IngestSettings, fault: FaultPlan | None = None
+    stage: StageDir, unit: IngestUnit, settings: IngestConfig, fault: FaultPlan | None = None
 ) -> dict[str, Any]:
     """Ingest one input file into `stage`, resuming after its last published shard.
 

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import fsspec
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
@@ -215,14 +216,16 @@ def iter_warc(
 # ------------------------------------------------------------------------------------------- JSONL / Parquet
 
 
-@dataclass(frozen=True)
-class FieldMap:
+class FieldMap(BaseModel):
     """Which fields of a JSONL object / Parquet row hold the text, id, url and date."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     text: str = "text"
     id: str = "id"
     url: str = "url"
     date: str = "date"
+
 
 
 def _row_to_raw(row: dict[str, Any], raw: RawRecord, fields: FieldMap, max_bytes: int) -> RawRecord:
@@ -243,7 +246,7 @@ def _row_to_raw(row: dict[str, Any], raw: RawRecord, fields: FieldMap, max_bytes
 
 
 def _looks_like_url(value: str | None) -> bool:
-    return bool(value) and value.startswith(("http://", "https://"))
+    return value is not None and value.startswith(("http://", "https://"))
 
 
 def _iter_lines(fileobj: IO[bytes], chunk_bytes: int = 1 << 16) -> Iterator[bytes]:

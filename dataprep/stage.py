@@ -18,7 +18,10 @@ import shutil
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import xxhash
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
 
 from dataprep.shards import TMP_DIR_NAME, atomic_write_bytes, atomic_write_json
 
@@ -29,12 +32,42 @@ UNITS_DIR = "_units"
 HASH_CHARS = 12
 
 
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown fields are errors, values are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def resolve_location(value: Any, info: ValidationInfo) -> Any:
+    """A relative path in a config file resolves against the file's folder (`context["base_dir"]`); URLs stay."""
+    base = (info.context or {}).get("base_dir")
+    if base is None or not isinstance(value, str | Path) or "://" in str(value):
+        return value
+    expanded = os.path.expanduser(str(value))
+    return expanded if os.path.isabs(expanded) else str((Path(base) / expanded).resolve())
+
+
+ConfigPath = Annotated[Path, BeforeValidator(resolve_location)]
+"""A local path in a config: relative to the config file."""
+ConfigLocation = Annotated[str, BeforeValidator(resolve_location)]
+"""A local path (relative to the config file) or an fsspec URL."""
+
+
 def package_version() -> str:
     """The installed forgeline version (part of every stage's code version)."""
     try:
         return metadata.version("forgeline")
     except metadata.PackageNotFoundError:
         return "0+unknown"
+
+
+def file_digest(path: Path) -> str:
+    """xxh64 of a file's bytes, read in 1 MiB blocks: the fingerprint of a model, list or task file in a hash."""
+    digest = xxhash.xxh64()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def canonical_json(value: Any) -> str:
@@ -107,7 +140,8 @@ class StageDir:
         atomic_write_json(self.unit_marker(unit), stats)
 
     def read_manifest(self) -> dict[str, Any]:
-        return json.loads(self.manifest_path.read_text())
+        manifest: dict[str, Any] = json.loads(self.manifest_path.read_text())
+        return manifest
 
     def publish(self, manifest: dict[str, Any]) -> None:
         """Write the manifest, remove temp space, then write `_SUCCESS` last."""
@@ -134,13 +168,13 @@ class InjectedFault(RuntimeError):
 
 @dataclass(frozen=True)
 class FaultPlan:
-    """Failure drill: fail a unit once `after_shards` of its shards are published in this attempt.
+    """Failure drill: fail a unit once `after` units of progress (ingest: shards; pretrain: steps) are done.
 
     `kill=True` ends the worker process at once (as a node loss or OOM kill would) instead of raising.
     A unit that resumes at or past the threshold is not failed again, so a retry or rerun completes.
     """
 
-    after_shards: int
+    after: int
     kill: bool = False
 
     @classmethod
@@ -152,7 +186,7 @@ class FaultPlan:
         return cls(int(count), mode == "kill")
 
     def check(self, resumed_from: int, published: int, unit: str) -> None:
-        if resumed_from < self.after_shards <= published:
+        if resumed_from < self.after <= published:
             if self.kill:
                 os._exit(137)
             raise InjectedFault(f"injected fault after shard {published} of unit {unit}")

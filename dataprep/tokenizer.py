@@ -7,16 +7,29 @@ token separates documents in packed windows.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dataprep.shards import atomic_write_bytes, atomic_write_json
+from dataprep.stage import ConfigPath, StageConfig
 
 EOT_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+
+
+class TokenizeConfig(StageConfig):
+    """The tokenize stage: train (or load) a byte-level BPE, pack fixed windows with end-of-text separators."""
+
+    tokenizer: ConfigPath | None = Field(None, description="an existing tokenizer.json (or its folder); null = train")
+    vocab_size: int = Field(8192, ge=257, le=2**31, description="BPE vocabulary incl. 256 bytes + end-of-text")
+    min_frequency: int = Field(2, ge=1)
+    eot_token: str = Field("<|endoftext|>", min_length=1)
+    seq_len: int = Field(256, ge=2, description="tokens per training window (windows hold seq_len + 1)")
+    holdout: float = Field(0.02, gt=0.0, lt=0.5, description="fraction of documents held out (by doc id hash)")
+    windows_per_shard: int = Field(4096, ge=1)
 
 
 class TokenizerError(ValueError):
@@ -71,10 +84,3 @@ def copy_hf_files(source: Path, directory: Path, eot_token: str = EOT_TOKEN, max
     """Copy an existing tokenizer.json into `directory` with the transformers side files."""
     tokenizer, _ = load_tokenizer(source, eot_token)
     return save_tokenizer(tokenizer, directory, eot_token, max_length)
-
-
-def tokenizer_summary(directory: Path) -> dict[str, object]:
-    """Vocabulary size and special tokens of a saved tokenizer directory."""
-    data = json.loads((directory / TOKENIZER_FILE).read_text())
-    return {"vocab_size": Tokenizer.from_str(json.dumps(data)).get_vocab_size(),
-            "special_tokens": [t["content"] for t in data.get("added_tokens", [])]}

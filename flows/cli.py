@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
+from dataprep.inputs import InputError
 from flows.config import STAGES, ConfigError, RunConfig, load_config
-from flows.inputs import InputError
 
 app = typer.Typer(
     help="forgeline: raw web crawl → curated corpus → trained and served language model.",
@@ -26,6 +25,8 @@ AddressOpt = Annotated[
     typer.Option("--address", help="attach to a Ray cluster ('auto' or 'ray://host:10001') instead of local"),
 ]
 LocalOpt = Annotated[bool, typer.Option("--local", help="start Ray locally on 127.0.0.1 (the default)")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print each stage's address, skip/run and why; compute "
+                                         "nothing")]
 
 
 def _load(config_path: Path, address: str | None, local: bool) -> RunConfig:
@@ -42,46 +43,41 @@ def _load(config_path: Path, address: str | None, local: bool) -> RunConfig:
     return config
 
 
-def _run(fn: Any, *args: Any) -> Any:
+def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except (InputError, ConfigError, ValueError) as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(2) from None
 
 
 def _report(results: dict[str, Any]) -> None:
+    """Per stage: done or skipped, where its output is, its counts, then the stage's own summary lines."""
+    from flows.pipeline import SPECS
+
     for stage, result in results.items():
-        state = "skipped (already complete)" if result["skipped"] else "done"
         stats = result["stats"]
-        typer.echo(f"{stage}: {state}")
+        typer.echo(f"{stage}: {'skipped (already complete)' if result['skipped'] else 'done'}")
         typer.echo(f"  output:   {result['path']}")
         typer.echo(f"  manifest: {result['path']}/manifest.json")
-        typer.echo(
-            f"  records in {stats['records_in']:,} → out {stats['records_out']:,}; "
-            f"dropped {json.dumps(stats['dropped'], sort_keys=True)}"
-        )
-        if "clusters" in stats:
-            typer.echo(f"  clusters {stats['clusters']:,}, largest {stats['largest_cluster']:,}")
-        if "train_windows" in stats:
-            typer.echo(f"  {stats['train_tokens']:,} train + {stats['val_tokens']:,} held-out tokens → "
-                       f"{stats['train_windows']:,} + {stats['val_windows']:,} windows of {stats['seq_len']}; "
-                       f"vocab {stats['vocab_size']:,}; unigram held-out loss {stats['unigram_val_loss']}")
-        if "final_loss" in stats:
-            typer.echo(f"  {stats['parameters']:,} parameters, {stats['steps']} steps, {stats['tokens']:,} tokens; "
-                       f"loss {stats['final_loss']}, held-out {stats['final_val_loss']} (unigram baseline "
-                       f"{stats['unigram_val_loss']}); {stats['tokens_per_s']:,.0f} tokens/s")
-            typer.echo(f"  checkpoints: {result['path']}/checkpoints; HF model: {result['path']}/hf; "
-                       f"curve: {result['path']}/loss.png")
-        if "table" in stats:
-            typer.echo(f"  results: {result['path']}/results.parquet; plot: {result['path']}/metrics.png")
-            typer.echo("\n".join("    " + line for line in stats["table"].splitlines()))
-        if "steps" in stats and isinstance(stats["steps"], list):
-            from dataprep.funnel import funnel_markdown
-
-            typer.echo(f"  funnel ({result['path']}/funnel.png; removed documents in removed/<step>/):")
-            typer.echo("\n".join("    " + line for line in funnel_markdown(stats).splitlines()))
+        if "records_in" in stats:
+            typer.echo(f"  records in {stats['records_in']:,} → out {stats['records_out']:,}; "
+                       f"dropped {json.dumps(stats['dropped'], sort_keys=True)}")
+        for line in SPECS[stage].summary(result):
+            typer.echo(f"  {line}")
     typer.echo("Prefect UI: `make ui`, then http://127.0.0.1:4200 (flow runs and their stats artifacts)")
+
+
+def _run_pipeline(config: Path, until: str | None, address: str | None, local: bool, dry_run: bool) -> None:
+    """The one path behind `run` and every stage command: plan (dry run) or run up to `until`."""
+    from flows.pipeline import format_plan, pipeline_flow, plan_pipeline, stages_until
+
+    cfg = _load(config, address, local)
+    _run(stages_until, until)
+    if dry_run:
+        typer.echo(format_plan(_run(plan_pipeline, cfg, until)))
+        return
+    _report(_run(pipeline_flow, cfg, until))
 
 
 @app.command()
@@ -90,58 +86,32 @@ def run(
     until: Annotated[str | None, typer.Option(help=f"stop after this stage ({', '.join(STAGES)})")] = None,
     address: AddressOpt = None,
     local: LocalOpt = False,
+    dry_run: DryRunOpt = False,
 ) -> None:
-    """Run the whole pipeline (every stage that exists so far), skipping complete stages."""
-    from flows.pipeline import pipeline_flow, stages_until
-
-    cfg = _load(config, address, local)
-    _run(stages_until, until)
-    _report(_run(pipeline_flow, cfg, until))
+    """Run the whole pipeline, skipping complete stages (--dry-run: print the plan, compute nothing)."""
+    _run_pipeline(config, until, address, local, dry_run)
 
 
-@app.command()
-def ingest(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = False) -> None:
-    """Ingest WARC/WET/JSONL/Parquet inputs into Parquet document shards."""
-    from flows.ingest import ingest_flow
-
-    cfg = _load(config, address, local)
-    _report({"ingest": _run(ingest_flow, cfg)})
-
-
-@app.command()
-def dedup(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = False) -> None:
-    """Remove exact, URL and near-duplicate documents (runs ingest first if it is not complete)."""
-    from flows.pipeline import pipeline_flow
-
-    cfg = _load(config, address, local)
-    _report(_run(pipeline_flow, cfg, "dedup"))
+STAGE_HELP = {
+    "ingest": "Ingest WARC/WET/JSONL/Parquet inputs into Parquet document shards.",
+    "dedup": "Remove exact, URL and near-duplicate documents (runs earlier stages if needed).",
+    "filter": "Quality, language and toxicity filtering with a per-rule audit (runs earlier stages if needed).",
+    "tokenize": "Train the BPE tokenizer and pack token windows (runs earlier stages if needed).",
+    "pretrain": "Pretrain with FSDP2 on Ray Train; resumes from the latest checkpoint (runs earlier stages).",
+}
 
 
-@app.command(name="filter")
-def filter_command(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = False) -> None:
-    """Quality, language and toxicity filtering with a per-rule audit (runs earlier stages if needed)."""
-    from flows.pipeline import pipeline_flow
+def _stage_command(stage: str) -> Any:
+    def command(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = False,
+                dry_run: DryRunOpt = False) -> None:
+        _run_pipeline(config, stage, address, local, dry_run)
 
-    cfg = _load(config, address, local)
-    _report(_run(pipeline_flow, cfg, "filter"))
-
-
-@app.command()
-def tokenize(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = False) -> None:
-    """Train the BPE tokenizer and pack token windows (runs earlier stages if needed)."""
-    from flows.pipeline import pipeline_flow
-
-    cfg = _load(config, address, local)
-    _report(_run(pipeline_flow, cfg, "tokenize"))
+    command.__doc__ = STAGE_HELP[stage]
+    return command
 
 
-@app.command()
-def pretrain(config: ConfigArg, address: AddressOpt = None, local: LocalOpt = False) -> None:
-    """Pretrain the model with FSDP2 on Ray Train; resumes from the latest checkpoint (runs earlier stages)."""
-    from flows.pipeline import pipeline_flow
-
-    cfg = _load(config, address, local)
-    _report(_run(pipeline_flow, cfg, "pretrain"))
+for _stage in STAGE_HELP:
+    app.command(name=_stage)(_stage_command(_stage))
 
 
 @app.command()
@@ -155,14 +125,13 @@ def evaluate(
 ) -> None:
     """Evaluate every checkpoint not yet evaluated: perplexity, few-shot tasks, BLEU/chrF/ROUGE."""
     from flows.evaluate import evaluate_flow
-    from flows.pipeline import pipeline_flow
 
-    cfg = _load(config, address, local)
     if run is None:
         if watch:
             raise typer.BadParameter("--watch needs --run PRETRAIN_DIR (the stage being trained)")
-        _report(_run(pipeline_flow, cfg, "evaluate"))
+        _run_pipeline(config, "evaluate", address, local, False)
         return
+    cfg = _load(config, address, local)
     _report({"evaluate": _run(evaluate_flow, cfg, str(run.resolve()), watch, timeout)})
 
 
@@ -213,7 +182,7 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
 ) -> None:
     """Memory per GPU (with and without FSDP), Chinchilla tokens, 6·N·D FLOPs and time at an MFU."""
-    from workers.model import model_config
+    from workers.model_config import model_config
     from workers.planner import PlanInputs, format_plan
     from workers.planner import plan as make_plan
 
@@ -303,4 +272,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

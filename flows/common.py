@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from dataprep.stage import FaultPlan, StageDir
+from dataprep.stage import FaultPlan
 from flows.config import RunConfig
 from workers.ray_runtime import init_ray
 
@@ -55,12 +52,25 @@ def _counts_table(counts: dict[str, int], header: str) -> list[str]:
     return lines + [""]
 
 
+def _cell(value: Any) -> str:
+    """A table cell: numbers with separators, nested counts as `key: n` pairs (never a Python repr)."""
+    if isinstance(value, dict):
+        return "<br>".join(f"{key}: {_cell(item)}" for key, item in value.items()) or "-"
+    if isinstance(value, list):
+        return "<br>".join(_cell(item) for item in value) or "-"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
 def stats_markdown(manifest: dict[str, Any], skipped: bool = False) -> str:
     """A markdown report of a stage manifest: totals, drops per reason, details and per-unit rows."""
     stats = manifest["stats"]
+    counted = [key for key in ("records_in", "records_out") if key in stats]
     volume = [key for key in ("bytes_in", "chars_out") if key in stats]
-    header = ["records in", "records out", "dropped", *[key.replace("_", " ") for key in volume], "seconds"]
-    values = [stats["records_in"], stats["records_out"], sum(stats["dropped"].values()),
+    header = [*[key.replace("_", " ") for key in counted], *(["dropped"] if "dropped" in stats else []),
+              *[key.replace("_", " ") for key in volume], "seconds"]
+    values = [*[stats[key] for key in counted], *([sum(stats["dropped"].values())] if "dropped" in stats else []),
               *[stats[key] for key in volume]]
     lines = [
         f"# {manifest['stage']} — `{manifest['name']}`",
@@ -72,16 +82,15 @@ def stats_markdown(manifest: dict[str, Any], skipped: bool = False) -> str:
         "|" + "---:|" * len(header),
         "| " + " | ".join(f"{v:,}" for v in values) + f" | {manifest['timings']['seconds']:.1f} |",
         "",
-        "## Dropped, by reason",
-        "",
-        *_counts_table(stats["dropped"], "Reason"),
     ]
+    if "dropped" in stats:
+        lines += ["## Dropped, by reason", "", *_counts_table(stats["dropped"], "Reason")]
     if "skipped" in stats:
         lines += ["## Skipped (not documents)", "", *_counts_table(stats["skipped"], "Record type")]
     details = {k: v for k, v in stats.items() if k not in ("records_in", "records_out", "dropped", "skipped", *volume)}
     if details:
         lines += ["## Details", "", "| stat | value |", "|---|---|"]
-        lines += [f"| {key} | {value} |" for key, value in details.items()] + [""]
+        lines += [f"| {key} | {_cell(value)} |" for key, value in details.items()] + [""]
     units = manifest.get("units", [])
     if units:
         lines += ["## Inputs", "", "| unit | input | in | out | dropped |", "|---|---|---:|---:|---:|"]
@@ -101,42 +110,3 @@ def publish_artifact(manifest: dict[str, Any], skipped: bool = False) -> None:
         markdown=stats_markdown(manifest, skipped),
         description=f"{manifest['stage']} stats for {manifest['name']}",
     )
-
-
-def completed_stage_result(stage: StageDir) -> dict[str, Any] | None:
-    """For a complete stage: log the skip, re-attach its report, return its result; None otherwise."""
-    if not stage.is_complete():
-        return None
-    manifest = stage.read_manifest()
-    get_run_logger().info("%s: %s is complete; skipping", manifest["stage"], stage.path)
-    publish_artifact(manifest, skipped=True)
-    return {"path": str(stage.path), "skipped": True, "stats": manifest["stats"]}
-
-
-def complete_upstream(path: str, stage: str) -> StageDir:
-    """The upstream stage at `path`, or a ValueError when it has no `_SUCCESS`."""
-    upstream = StageDir(Path(path))
-    if not upstream.is_complete():
-        raise ValueError(f"{stage} input {upstream.path} is not a complete stage (no _SUCCESS)")
-    return upstream
-
-
-def timings(started: float) -> dict[str, Any]:
-    """The manifest's `timings` block for a stage that started at `started` (epoch seconds)."""
-    return {"started_at": datetime.fromtimestamp(started, UTC).isoformat(),
-            "finished_at": datetime.now(UTC).isoformat(), "seconds": round(time.time() - started, 3)}
-
-
-def stage_manifest(stage: StageDir, name: str, code_version: str, config: dict[str, Any], upstream: StageDir,
-                   outputs: dict[str, Any], stats: dict[str, Any], started: float) -> dict[str, Any]:
-    """The manifest of a stage that reads one upstream stage (every stage after ingest)."""
-    return {"stage": name, "name": stage.name, "path": str(stage.path), "hash": stage.digest,
-            "code_version": code_version, "config": config,
-            "inputs": [{"stage": upstream.name, "path": str(upstream.path)}],
-            "outputs": outputs, "stats": stats, "timings": timings(started)}
-
-
-def stage_task_options(config: RunConfig) -> dict[str, Any]:
-    """Prefect retry options for a stage's compute task (a retry resumes per shard)."""
-    return {"retries": config.orchestration.task_retries,
-            "retry_delay_seconds": config.orchestration.retry_delay_seconds}

@@ -22,22 +22,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import xxhash
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from dataprep.eval_report import RESULT_SCHEMA, metrics_png, summary_markdown
 from dataprep.eval_tasks import TaskError, load_task
 from dataprep.shards import atomic_write_json, publish_table
-from dataprep.stage import StageDir, package_version, stage_hash
-from flows.common import connect_ray, stage_manifest
+from dataprep.stage import StageDir, file_digest
+from flows.common import connect_ray
 from flows.config import RunConfig, load_config
+from flows.stage import Computed, StageInputs, StageResult, StageSpec, address, run_stage
 from workers.checkpoint import complete_checkpoints
 from workers.evaluate import evaluate_checkpoint_task
 from workers.pretrain import CHECKPOINTS_DIR
 
-STAGE = "evaluate"
 CODE_VERSION = "evaluate-1"
 RESULTS_DIR = "results"
 RESULTS_FILE = "results.parquet"
@@ -45,7 +43,7 @@ METRICS_PNG = "metrics.png"
 
 
 def _digest(path: Path) -> str:
-    return xxhash.xxh64_hexdigest(path.read_bytes()) if path.is_file() else "missing"
+    return file_digest(path) if path.is_file() else "missing"
 
 
 def load_tasks(config: RunConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -65,10 +63,10 @@ def evaluate_params(config: RunConfig, tasks: list[dict[str, Any]]) -> dict[str,
     return {**settings, "tasks": sorted((t["name"], t["_fingerprint"]) for t in tasks)}
 
 
-def evaluate_stage(config: RunConfig, pretrain: StageDir, tasks: list[dict[str, Any]]) -> StageDir:
-    code = f"{package_version()}/{CODE_VERSION}"
-    return StageDir.for_stage(config.run_dir, STAGE,
-                              stage_hash(STAGE, evaluate_params(config, tasks), [pretrain.name], code))
+def evaluate_stage(config: RunConfig, pretrain: StageDir) -> StageDir:
+    """The evaluate stage directory for these tasks and this pretrain stage (the skeleton's address)."""
+    spec = EvaluateStage()
+    return address(spec, config, spec.resolve_inputs(config, pretrain)).stage
 
 
 def result_path(stage: StageDir, checkpoint: Path) -> Path:
@@ -90,15 +88,12 @@ def _store(config: RunConfig, stage: StageDir, pretrain: StageDir, checkpoint: P
     publish_table(table, result_path(stage, checkpoint), stage.tmp_dir)
 
 
-@task(name="evaluate-checkpoints", cache_policy=NO_CACHE)
-def evaluate_checkpoints(config: RunConfig, stage_path: str, pretrain_path: str, tasks: list[dict[str, Any]],
-                         checkpoints: list[str]) -> int:
+def evaluate_on_ray(config: RunConfig, stage: StageDir, pretrain: StageDir, tasks: list[dict[str, Any]],
+                    checkpoints: list[Path]) -> int:
     """One Ray task per checkpoint (a GPU each with evaluate.use_gpu); results stored as they finish."""
-    get_run_logger().info("Ray: %s", connect_ray(config))
-    stage, pretrain = StageDir(Path(stage_path)), StageDir(Path(pretrain_path))
     clean = [{k: v for k, v in t.items() if not k.startswith("_")} for t in tasks]
     remote = evaluate_checkpoint_task.options(num_gpus=1 if config.evaluate.use_gpu else 0)
-    running = {remote.remote(path, clean, config.evaluate.max_windows, config.evaluate.batch): Path(path)
+    running = {remote.remote(str(path), clean, config.evaluate.max_windows, config.evaluate.batch): path
                for path in checkpoints}
     while running:
         done, _ = ray.wait(list(running), num_returns=1)
@@ -125,54 +120,84 @@ def refresh_outputs(config: RunConfig, stage: StageDir, load_errors: list[dict[s
     table = summary_markdown(rows, errors)
     create_markdown_artifact(key="evaluate-results", markdown=f"# evaluate — `{stage.name}`\n\n{table}",
                              description=f"evaluation of {config.name}")
-    steps = sorted({r["step"] for r in rows})
-    return {"records_in": len(steps), "records_out": len(rows), "dropped": {}, "checkpoints": len(steps),
-            "errors": len(errors), "table": table}
+    return {"checkpoints": len({r["step"] for r in rows}), "result_rows": len(rows), "errors": len(errors),
+            "table": table}
 
 
-def _publish(config: RunConfig, stage: StageDir, pretrain: StageDir, stats: dict[str, Any], started: float) -> None:
-    outputs = {"results": RESULTS_FILE, "per_checkpoint": RESULTS_DIR, "plot": METRICS_PNG}
-    manifest = stage_manifest(stage, STAGE, f"{package_version()}/{CODE_VERSION}",
-                              config.evaluate.model_dump(mode="json"), pretrain, outputs,
-                              {k: v for k, v in stats.items() if k != "table"}, started)
-    stage.publish(manifest)
+class EvaluateStage(StageSpec):
+    """Checkpoints of a pretrain stage → per-checkpoint results, `results.parquet`, `metrics.png`.
+
+    The stage may run while training still writes checkpoints (`watch`): each checkpoint is evaluated once,
+    and the stage is published (`_SUCCESS`) once training is complete and every checkpoint is evaluated.
+    """
+
+    name = "evaluate"
+    code_version = CODE_VERSION
+    upstream = "pretrain"
+    upstream_must_be_complete = False
+    output_names = (RESULTS_FILE, RESULTS_DIR, METRICS_PNG)
+
+    def __init__(self, watch: bool = False, timeout_s: float | None = None) -> None:
+        self.watch, self.timeout_s = watch, timeout_s
+
+    def resolve_inputs(self, config: RunConfig, upstream: StageDir | None) -> StageInputs:
+        inputs = super().resolve_inputs(config, upstream)
+        return StageInputs(inputs.keys, inputs.manifest, upstream, load_tasks(config))
+
+    def params(self, config: RunConfig, inputs: StageInputs) -> dict[str, Any]:
+        return evaluate_params(config, inputs.payload[0])
+
+    def check(self, config: RunConfig, inputs: StageInputs) -> None:
+        assert inputs.upstream is not None
+        if not (inputs.upstream.path / CHECKPOINTS_DIR).is_dir() and not self.watch:
+            raise ValueError(f"{inputs.upstream.path} has no {CHECKPOINTS_DIR}/ (not a pretrain stage)")
+        for error in inputs.payload[1]:
+            get_run_logger().error("task skipped: %s", error["error"])
+
+    def compute(self, config: RunConfig, stage: StageDir, inputs: StageInputs) -> Computed:
+        """Evaluate pending checkpoints; with `watch`, poll until training completes (or the timeout)."""
+        assert inputs.upstream is not None
+        pretrain, (tasks, load_errors) = inputs.upstream, inputs.payload
+        started, evaluated = time.time(), 0
+        while True:
+            upstream_done = pretrain.is_complete()  # read before listing, so no final checkpoint is missed
+            pending = pending_checkpoints(stage, pretrain)
+            if pending:
+                evaluated += evaluate_on_ray(config, stage, pretrain, tasks, pending)
+                refresh_outputs(config, stage, load_errors)
+                continue
+            timed_out = self.timeout_s is not None and time.time() - started > self.timeout_s
+            if not self.watch or upstream_done or timed_out:
+                break
+            time.sleep(config.evaluate.watch_interval)
+        stats = {**refresh_outputs(config, stage, load_errors), "evaluated_now": evaluated}
+        get_run_logger().info("evaluate: %s (%d checkpoints evaluated now)", stage.path, evaluated)
+        return Computed(stats, complete=pretrain.is_complete() and not pending_checkpoints(stage, pretrain))
+
+    def outputs(self, config: RunConfig, stage: StageDir, computed: Computed) -> dict[str, Any]:
+        return {"results": RESULTS_FILE, "per_checkpoint": RESULTS_DIR, "plot": METRICS_PNG}
+
+    def resources(self, config: RunConfig) -> dict[str, Any]:
+        return {"tasks": "one per checkpoint", "CPU per task": 1, "GPU per task": 1 if config.evaluate.use_gpu else 0}
+
+    def on_skip(self, config: RunConfig, stage: StageDir, manifest: dict[str, Any]) -> dict[str, Any]:
+        tasks, load_errors = load_tasks(config)
+        return {**manifest["stats"], **refresh_outputs(config, stage, load_errors)}
+
+    def report(self, manifest: dict[str, Any]) -> None:
+        return None  # refresh_outputs attached the results table
+
+    def summary(self, result: StageResult) -> list[str]:
+        path = result["path"]
+        lines = [f"results: {path}/{RESULTS_FILE}; plot: {path}/{METRICS_PNG}"]
+        return lines + ["  " + line for line in result["stats"]["table"].splitlines()]
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(config: RunConfig, pretrain_path: str, watch: bool = False, timeout_s: float | None = None
-                  ) -> dict[str, Any]:
+                  ) -> StageResult:
     """Evaluate every not-yet-evaluated checkpoint; with `watch`, keep polling until the stage is complete."""
-    started = time.time()
-    pretrain = StageDir(Path(pretrain_path))
-    if not (pretrain.path / CHECKPOINTS_DIR).is_dir() and not watch:
-        raise ValueError(f"{pretrain.path} has no {CHECKPOINTS_DIR}/ (not a pretrain stage)")
-    tasks, load_errors = load_tasks(config)
-    for error in load_errors:
-        get_run_logger().error("task skipped: %s", error["error"])
-    stage = evaluate_stage(config, pretrain, tasks)
-    if stage.is_complete():
-        get_run_logger().info("evaluate: %s is complete; skipping", stage.path)
-        stats = stage.read_manifest()["stats"]
-        stats = {**stats, **refresh_outputs(config, stage, load_errors)}
-        return {"path": str(stage.path), "skipped": True, "stats": stats}
-    stage.prepare()
-    evaluated = 0
-    while True:
-        upstream_done = pretrain.is_complete()  # read before listing, so no final checkpoint is missed
-        pending = pending_checkpoints(stage, pretrain)
-        if pending:
-            evaluated += evaluate_checkpoints(config, str(stage.path), str(pretrain.path), tasks,
-                                              [str(p) for p in pending])
-            refresh_outputs(config, stage, load_errors)
-            continue
-        if not watch or upstream_done or (timeout_s is not None and time.time() - started > timeout_s):
-            break
-        time.sleep(config.evaluate.watch_interval)
-    stats = {**refresh_outputs(config, stage, load_errors), "evaluated_now": evaluated}
-    if pretrain.is_complete() and not pending_checkpoints(stage, pretrain):
-        _publish(config, stage, pretrain, stats, started)
-    get_run_logger().info("evaluate: %s (%d checkpoints evaluated now)\n%s", stage.path, evaluated, stats["table"])
-    return {"path": str(stage.path), "skipped": False, "stats": stats}
+    return run_stage(EvaluateStage(watch, timeout_s), config, pretrain_path)
 
 
 @flow(name="evaluate-checkpoint", log_prints=True)
@@ -185,9 +210,10 @@ def evaluate_checkpoint_flow(config_path: str, checkpoint: str) -> dict[str, Any
         return {"path": None, "skipped": True, "reason": f"checkpoint {path} no longer exists"}
     pretrain = StageDir(path.parent.parent)
     tasks, load_errors = load_tasks(config)
-    stage = evaluate_stage(config, pretrain, tasks)
+    stage = evaluate_stage(config, pretrain)
     stage.path.mkdir(parents=True, exist_ok=True)
     stage.tmp_dir.mkdir(exist_ok=True)
     if not result_path(stage, path).is_file():
-        evaluate_checkpoints(config, str(stage.path), str(pretrain.path), tasks, [str(path)])
+        get_run_logger().info("Ray: %s", connect_ray(config))
+        evaluate_on_ray(config, stage, pretrain, tasks, [path])
     return {"path": str(stage.path), "skipped": False, "stats": refresh_outputs(config, stage, load_errors)}

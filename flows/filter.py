@@ -1,69 +1,91 @@
-"""The `filter` Prefect flow: the quality/language/toxicity chain over the dedup output, on Ray actors."""
+"""The `filter` stage: the quality/language/toxicity chain over the dedup output, on Ray actors."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-import xxhash
-from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from dataprep.filtering import REMOVED_DIR, load_resources, merge_shard_stats
 from dataprep.funnel import funnel_markdown, funnel_png
 from dataprep.ingest import DATA_DIR
-from dataprep.stage import StageDir, package_version, stage_hash
-from flows.common import (
-    complete_upstream,
-    completed_stage_result,
-    connect_ray,
-    stage_manifest,
-    stage_task_options,
-)
+from dataprep.stage import StageDir, file_digest
 from flows.config import RunConfig
+from flows.stage import Computed, NotYetKnown, StageInputs, StageResult, StageSpec, stage_flow
+from flows.train import train_quality_flow
 from workers.filter import run_filter
 
-STAGE = "filter"
-CODE_VERSION = "filter-2"
 FUNNEL_PNG = "funnel.png"
 
 
-def file_digest(path: Path) -> str:
-    """xxh64 of a model or list file's bytes: retraining a model changes the stage hash."""
-    return xxhash.xxh64_hexdigest(path.read_bytes())
+class FilterStage(StageSpec):
+    """Dedup documents → kept documents, removed documents per step (`removed/<step>/`), a funnel chart."""
 
+    name = "filter"
+    code_version = "filter-2"
+    upstream = "dedup"
+    output_names = (DATA_DIR, REMOVED_DIR, FUNNEL_PNG)
 
-def filter_params(config: RunConfig) -> dict[str, Any]:
-    """The chain as it is hashed: steps with every default filled in, plus each model file's fingerprint."""
-    steps = []
-    for spec in config.filter.steps:
-        step = spec.step()
-        params = step.params.model_dump(mode="json")
-        for key in ("model", "path"):
-            if params.get(key):
-                params[f"{key}_fingerprint"] = file_digest(Path(params[key]))
-        steps.append({"name": step.name, "rule": step.rule, "mode": step.mode, "params": params})
-    return {"steps": steps}
+    def params(self, config: RunConfig, inputs: StageInputs) -> dict[str, Any]:
+        """The chain as it is hashed: steps with every default filled in, plus each model file's fingerprint."""
+        steps = []
+        for spec in config.filter.steps:
+            step = spec.step()
+            params = step.params.model_dump(mode="json")
+            for key in ("model", "path"):
+                if params.get(key):
+                    path = Path(params[key])
+                    if not path.is_file():
+                        raise NotYetKnown(f"{path} does not exist yet")
+                    params[f"{key}_fingerprint"] = file_digest(path)
+            steps.append({"name": step.name, "rule": step.rule, "mode": step.mode, "params": params})
+        return {"steps": steps}
 
+    def prerequisites(self, config: RunConfig, inputs: StageInputs) -> None:
+        """Train the quality model first when `filter.train_quality` is set and its output does not exist."""
+        training = config.filter.train_quality
+        if training is not None and not training.output.exists() and inputs.upstream is not None:
+            train_quality_flow(training, [str(inputs.upstream.path / DATA_DIR)], config.ray)
 
-def filter_stage_dir(config: RunConfig, upstream: StageDir) -> StageDir:
-    digest = stage_hash(STAGE, filter_params(config), [upstream.name], f"{package_version()}/{CODE_VERSION}")
-    return StageDir.for_stage(config.run_dir, STAGE, digest)
+    def check(self, config: RunConfig, inputs: StageInputs) -> None:
+        load_resources([spec.step() for spec in config.filter.steps])  # bad models fail before any document
 
+    def compute(self, config: RunConfig, stage: StageDir, inputs: StageInputs) -> Computed:
+        assert inputs.upstream is not None
+        steps = [spec.step() for spec in config.filter.steps]
+        sources = sorted((inputs.upstream.path / DATA_DIR).glob("*.parquet"))
+        shard_stats = run_filter(stage, sources, steps, config.filter.num_actors)
+        return Computed(merge_shard_stats(shard_stats, [step.name for step in steps]))
 
-@task(name="filter-documents", cache_policy=NO_CACHE)
-def filter_task(config: RunConfig, upstream_path: str, stage_path: str) -> dict[str, Any]:
-    """Run the chain on Ray actors; returns the merged stats."""
-    get_run_logger().info("Ray: %s", connect_ray(config))
-    steps = [spec.step() for spec in config.filter.steps]
-    sources = sorted((Path(upstream_path) / DATA_DIR).glob("*.parquet"))
-    shard_stats = run_filter(StageDir(Path(stage_path)), sources, steps, config.filter.num_actors)
-    return merge_shard_stats(shard_stats, [step.name for step in steps])
+    def finish(self, config: RunConfig, stage: StageDir, inputs: StageInputs, computed: Computed) -> Computed:
+        funnel_png(computed.stats, stage.path / FUNNEL_PNG, f"filter funnel: {config.name}")
+        return computed
+
+    def outputs(self, config: RunConfig, stage: StageDir, computed: Computed) -> dict[str, Any]:
+        stats = computed.stats
+        return {"data": {"path": DATA_DIR, "rows": stats["records_out"]},
+                "removed": {"path": REMOVED_DIR, "rows": stats["records_in"] - stats["records_out"]},
+                "funnel": {"path": FUNNEL_PNG}}
+
+    def resources(self, config: RunConfig) -> dict[str, Any]:
+        return {"actors": f"{config.filter.num_actors} filter actors (1 CPU each, models loaded once per actor)"}
+
+    def on_skip(self, config: RunConfig, stage: StageDir, manifest: dict[str, Any]) -> dict[str, Any]:
+        publish_funnel(manifest, skipped=True)
+        stats: dict[str, Any] = manifest["stats"]
+        return stats
+
+    def report(self, manifest: dict[str, Any]) -> None:
+        publish_funnel(manifest)
+
+    def summary(self, result: StageResult) -> list[str]:
+        lines = [f"funnel ({result['path']}/{FUNNEL_PNG}; removed documents in {REMOVED_DIR}/<step>/):"]
+        return lines + ["  " + line for line in funnel_markdown(result["stats"]).splitlines()]
 
 
 def publish_funnel(manifest: dict[str, Any], skipped: bool = False) -> None:
+    """The filter report: totals, the per-step funnel and the drops per reason, as markdown tables."""
     stats = manifest["stats"]
     reasons = "\n".join(f"| {reason} | {count:,} |" for reason, count in stats["reasons"].items())
     create_markdown_artifact(
@@ -78,26 +100,5 @@ def publish_funnel(manifest: dict[str, Any], skipped: bool = False) -> None:
     )
 
 
-@flow(name="filter", log_prints=True)
-def filter_flow(config: RunConfig, upstream_path: str) -> dict[str, Any]:
-    """Filter a complete upstream stage (dedup or ingest) into `<run_dir>/filter-<hash>/`."""
-    logger = get_run_logger()
-    started = time.time()
-    upstream = complete_upstream(upstream_path, STAGE)
-    load_resources([spec.step() for spec in config.filter.steps])  # bad models fail here, before any document
-    stage = filter_stage_dir(config, upstream)
-    if (done := completed_stage_result(stage)) is not None:
-        publish_funnel(stage.read_manifest(), skipped=True)
-        return done
-    stage.prepare()
-    stats = filter_task.with_options(**stage_task_options(config))(config, str(upstream.path), str(stage.path))
-    funnel_png(stats, stage.path / FUNNEL_PNG, f"filter funnel: {config.name}")
-    outputs = {"data": {"path": DATA_DIR, "rows": stats["records_out"]},
-               "removed": {"path": REMOVED_DIR, "rows": stats["records_in"] - stats["records_out"]},
-               "funnel": {"path": FUNNEL_PNG}}
-    manifest = stage_manifest(stage, STAGE, f"{package_version()}/{CODE_VERSION}", filter_params(config), upstream,
-                              outputs, stats, started)
-    stage.publish(manifest)
-    publish_funnel(manifest)
-    logger.info("filter: published %s (%d → %d documents)", stage.path, stats["records_in"], stats["records_out"])
-    return {"path": str(stage.path), "skipped": False, "stats": stats}
+FILTER = FilterStage()
+filter_flow = stage_flow(FILTER)

@@ -1,96 +1,123 @@
-"""The `pretrain` Prefect flow: FSDP2 training on Ray Train's TorchTrainer, checkpoint events, HF export.
+"""The `pretrain` stage: FSDP2 training on Ray Train's TorchTrainer, checkpoint events, HF export.
 
 Output `<run_dir>/pretrain-<hash>/`: `checkpoints/step-*/` (DCP), `metrics.jsonl`, `loss.png`, `hf/` (the
 exported Llama-format model) and the manifest. The hash covers the model, optimisation and data (not the
 worker count or checkpoint cadence), so a rerun of an unfinished stage resumes from its latest checkpoint,
 and Ray Train's `FailureConfig(max_failures)` restarts failed workers from it within a run.
 
-While training runs the flow watches `checkpoints/` and emits a Prefect event `forgeline.checkpoint.saved`
+While training runs the stage watches `checkpoints/` and emits a Prefect event `forgeline.checkpoint.saved`
 per checkpoint (resource `forgeline.checkpoint.<stage>.<step>`), which automations can use to trigger
 evaluation.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from dataprep.curves import loss_curve_png, read_metrics
 from dataprep.packing import read_index
-from dataprep.stage import StageDir, package_version, stage_hash
-from flows.common import (
-    FAULT_ENV,
-    complete_upstream,
-    completed_stage_result,
-    connect_ray,
-    publish_artifact,
-    stage_manifest,
-)
-from flows.config import PretrainConfig, RunConfig
-from workers.checkpoint import complete_checkpoints, latest_checkpoint, read_journal, read_state
-from workers.model import ModelConfig, model_config, parameter_count
-from workers.pretrain import CHECKPOINTS_DIR, METRICS_FILE, TrainSpec
+from dataprep.stage import StageDir
+from flows.common import injected_fault
+from flows.config import RunConfig
+from flows.stage import Computed, NotYetKnown, StageInputs, StageResult, StageSpec, stage_flow
+from workers.checkpoint import check_compatible, complete_checkpoints, latest_checkpoint, read_journal, read_state
+from workers.model_config import ModelConfig, parameter_count
+from workers.pretrain import CHECKPOINTS_DIR, METRICS_FILE
 from workers.tokenize import TOKENIZER_DIR, TOKENS_DIR
+from workers.train_config import OPERATIONAL_FIELDS, TrainJob
 
-STAGE = "pretrain"
-CODE_VERSION = "pretrain-1"
-OPERATIONAL = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "checkpoint_every", "keep_last",
-               "log_every", "checkpoint_initial")
 HF_DIR = "hf"
 LOSS_PNG = "loss.png"
 CHECKPOINT_EVENT = "forgeline.checkpoint.saved"
 
 
-def resolved_model(config: PretrainConfig, vocab_size: int) -> ModelConfig:
-    overrides = config.model.model_dump(exclude={"preset"})
-    return model_config(config.model.preset, **{**overrides, "vocab_size": vocab_size})
-
-
-def train_spec(config: RunConfig, tokenize_path: Path, stage_path: Path) -> TrainSpec:
-    """The worker-side spec; fails here (before Ray) on a shape/context/data mismatch."""
-    settings = config.pretrain
+def train_job(config: RunConfig, tokenize_path: Path, stage_path: Path) -> TrainJob:
+    """The job every worker receives; fails here (before Ray) on a shape/context/data mismatch."""
     index = read_index(tokenize_path / TOKENS_DIR)
-    model = resolved_model(settings, index["vocab_size"])
+    model = config.pretrain.model.resolve(index["vocab_size"])
     if index["seq_len"] > model.max_seq_len:
         raise ValueError(f"tokenize.seq_len {index['seq_len']} is larger than the model's context "
                          f"(pretrain.model.max_seq_len {model.max_seq_len})")
     if index["splits"]["train"]["windows"] == 0:
         raise ValueError(f"{tokenize_path}: no training windows (corpus shorter than seq_len + 1 tokens)")
-    precision = settings.precision if settings.precision != "auto" else ("bf16" if settings.use_gpu else "fp32")
-    fault = os.environ.get(FAULT_ENV, "")
-    fault_step = int(fault.split(":")[1]) if fault.startswith(f"{STAGE}:") else None
-    return TrainSpec(
-        model=model.to_dict(), data_dir=str(tokenize_path / TOKENS_DIR), out_dir=str(stage_path),
-        steps=settings.steps, micro_batch=settings.micro_batch, grad_accum=settings.grad_accum, lr=settings.lr,
-        min_lr=settings.min_lr, warmup_steps=settings.warmup_steps, weight_decay=settings.weight_decay,
-        betas=settings.betas, grad_clip=settings.grad_clip, seed=settings.seed, precision=precision,
-        activation_checkpointing=settings.activation_checkpointing, compile=settings.compile,
-        checkpoint_every=settings.checkpoint_every,
-        checkpoint_initial=settings.checkpoint_initial, keep_last=settings.keep_last, eval_every=settings.eval_every,
-        eval_windows=settings.eval_windows, log_every=settings.log_every, threads=settings.cpus_per_worker,
-        use_gpu=settings.use_gpu, fault_step=fault_step,
-    )
+    fault = injected_fault("pretrain")
+    return TrainJob(config=config.pretrain, model=model.to_dict(), data_dir=str(tokenize_path / TOKENS_DIR),
+                    out_dir=str(stage_path), fault_step=fault.after if fault else None)
 
 
-def check_resume(stage_path: Path, model: ModelConfig) -> None:
-    """A checkpoint in the stage from a different model shape is an error before any worker starts."""
-    from workers.checkpoint import check_compatible
+class PretrainStage(StageSpec):
+    """Packed windows → checkpoints, metrics, loss curve and the exported HF model."""
 
-    latest = latest_checkpoint(stage_path / CHECKPOINTS_DIR)
-    if latest is not None:
-        check_compatible(latest, model.to_dict())
+    name = "pretrain"
+    code_version = "pretrain-1"
+    upstream = "tokenize"
+    output_names = (CHECKPOINTS_DIR, METRICS_FILE, LOSS_PNG, HF_DIR)
 
+    def params(self, config: RunConfig, inputs: StageInputs) -> dict[str, Any]:
+        """Model (with the tokenizer's vocabulary), optimisation and data; not workers or checkpoint cadence."""
+        assert inputs.upstream is not None
+        if not (inputs.upstream.path / TOKENS_DIR).is_dir():
+            raise NotYetKnown("the model's vocabulary comes from the tokenize output")
+        job = train_job(config, inputs.upstream.path, Path("."))
+        return {"model": job.model, **config.pretrain.model_dump(mode="json", exclude={"model", *OPERATIONAL_FIELDS})}
 
-def pretrain_params(config: RunConfig, spec: TrainSpec) -> dict[str, Any]:
-    return {"model": spec.model, **config.pretrain.model_dump(mode="json", exclude={"model", *OPERATIONAL})}
+    def check(self, config: RunConfig, inputs: StageInputs) -> None:
+        assert inputs.upstream is not None
+        train_job(config, inputs.upstream.path, Path("."))
+
+    def compute(self, config: RunConfig, stage: StageDir, inputs: StageInputs) -> Computed:
+        """Train (resuming from the stage's latest checkpoint); announce each checkpoint as it is saved."""
+        assert inputs.upstream is not None
+        job = train_job(config, inputs.upstream.path, stage.path)
+        latest = latest_checkpoint(stage.path / CHECKPOINTS_DIR)
+        if latest is not None:  # a checkpoint of another model shape is an error before any worker starts
+            check_compatible(latest, job.model)
+        seen: set[str] = set()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            running = pool.submit(fit, config, job, stage)
+            while not running.done():
+                emit_checkpoint_events(stage, seen)
+                time.sleep(1.0)
+            running.result()
+        emit_checkpoint_events(stage, seen)
+        latest = latest_checkpoint(stage.path / CHECKPOINTS_DIR)
+        if latest is None or read_state(latest)["step"] != config.pretrain.steps:
+            raise RuntimeError(f"pretrain: training ended without a final checkpoint in {stage.path}")
+        return Computed({}, {"latest": str(latest), "model": job.model})
+
+    def finish(self, config: RunConfig, stage: StageDir, inputs: StageInputs, computed: Computed) -> Computed:
+        """Export the final checkpoint as an HF model, draw the loss curve, gather the stats."""
+        assert inputs.upstream is not None
+        latest = Path(computed.manifest["latest"])
+        export_task(str(latest), str(inputs.upstream.path / TOKENIZER_DIR), str(stage.path / HF_DIR))
+        index = read_index(inputs.upstream.path / TOKENS_DIR)
+        loss_curve_png(read_metrics(stage.path / METRICS_FILE), stage.path / LOSS_PNG, f"pretrain: {config.name}",
+                       index["unigram_val_loss"])
+        stats = pretrain_stats(stage, ModelConfig(**computed.manifest["model"]), index)
+        return Computed(stats, {"latest_checkpoint": latest.name})
+
+    def outputs(self, config: RunConfig, stage: StageDir, computed: Computed) -> dict[str, Any]:
+        return {"checkpoints": {"path": CHECKPOINTS_DIR, "latest": computed.manifest["latest_checkpoint"]},
+                "metrics": METRICS_FILE, "loss_curve": LOSS_PNG, "hf": HF_DIR}
+
+    def resources(self, config: RunConfig) -> dict[str, Any]:
+        settings = config.pretrain
+        return {"train workers": settings.num_workers, "CPU per worker": settings.cpus_per_worker,
+                "GPU per worker": 1 if settings.use_gpu else 0}
+
+    def summary(self, result: StageResult) -> list[str]:
+        stats, path = result["stats"], result["path"]
+        return [f"{stats['parameters']:,} parameters, {stats['steps']} steps, {stats['tokens']:,} tokens; "
+                f"loss {stats['final_loss']}, held-out {stats['final_val_loss']} (unigram baseline "
+                f"{stats['unigram_val_loss']}); {stats['tokens_per_s']:,.0f} tokens/s",
+                f"checkpoints: {path}/{CHECKPOINTS_DIR}; HF model: {path}/{HF_DIR}; curve: {path}/{LOSS_PNG}"]
 
 
 def emit_checkpoint_events(stage: StageDir, seen: set[str]) -> None:
@@ -108,8 +135,8 @@ def emit_checkpoint_events(stage: StageDir, seen: set[str]) -> None:
         get_run_logger().info("checkpoint %s (step %d) → event %s", path, step, CHECKPOINT_EVENT)
 
 
-def fit(config: RunConfig, spec: TrainSpec, stage: StageDir) -> None:
-    """Ray Train's TorchTrainer over `spec` (gloo on CPU, NCCL on GPU), restarting failed workers."""
+def fit(config: RunConfig, job: TrainJob, stage: StageDir) -> None:
+    """Ray Train's TorchTrainer over `job` (gloo on CPU, NCCL on GPU), restarting failed workers."""
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
@@ -118,7 +145,7 @@ def fit(config: RunConfig, spec: TrainSpec, stage: StageDir) -> None:
 
     settings = config.pretrain
     trainer = TorchTrainer(
-        ray_train_loop, train_loop_config=spec.to_dict(),
+        ray_train_loop, train_loop_config=job.model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
                                      resources_per_worker={"CPU": settings.cpus_per_worker}),
         run_config=TrainRunConfig(name=stage.name, storage_path=str(stage.path / "ray-train"),
@@ -127,37 +154,24 @@ def fit(config: RunConfig, spec: TrainSpec, stage: StageDir) -> None:
     trainer.fit()
 
 
-@task(name="train", cache_policy=NO_CACHE)
-def train_task(config: RunConfig, spec: TrainSpec, stage_path: str) -> None:
-    """Run the trainer; meanwhile announce each new checkpoint as a Prefect event."""
-    get_run_logger().info("Ray: %s", connect_ray(config))
-    stage, seen = StageDir(Path(stage_path)), set()
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        running = pool.submit(fit, config, spec, stage)
-        while not running.done():
-            emit_checkpoint_events(stage, seen)
-            time.sleep(1.0)
-        running.result()
-    emit_checkpoint_events(stage, seen)
-
-
 @task(name="export-hf", cache_policy=NO_CACHE)
 def export_task(checkpoint: str, tokenizer_dir: str, out_dir: str) -> str:
+    """The final checkpoint as a Hugging Face Llama model directory."""
     from workers.export import export_hf
 
     return str(export_hf(Path(checkpoint), Path(tokenizer_dir), Path(out_dir)))
 
 
-def pretrain_stats(stage: StageDir, spec: TrainSpec, index: dict[str, Any]) -> dict[str, Any]:
+def pretrain_stats(stage: StageDir, model: ModelConfig, index: dict[str, Any]) -> dict[str, Any]:
+    """Training totals: windows, checkpoints, parameters, steps, tokens, losses, throughput, memory."""
     rows = read_metrics(stage.path / METRICS_FILE)
     last = rows[-1]
     val_rows = [r for r in rows if r.get("val_loss") is not None]
-    counts = parameter_count(ModelConfig(**spec.model))
     steady = rows[len(rows) // 5:] or rows  # skip warm-up steps in the throughput figure
     return {
-        "records_in": index["splits"]["train"]["windows"], "records_out": len(complete_checkpoints(
-            stage.path / CHECKPOINTS_DIR)), "dropped": {},
-        "parameters": counts["total"], "steps": last["step"], "tokens": last["tokens"],
+        "train_windows": index["splits"]["train"]["windows"],
+        "checkpoints": len(complete_checkpoints(stage.path / CHECKPOINTS_DIR)),
+        "parameters": parameter_count(model)["total"], "steps": last["step"], "tokens": last["tokens"],
         "final_loss": round(last["loss"], 4),
         "final_val_loss": round(val_rows[-1]["val_loss"], 4) if val_rows else None,
         "unigram_val_loss": round(index["unigram_val_loss"], 4),
@@ -167,36 +181,5 @@ def pretrain_stats(stage: StageDir, spec: TrainSpec, index: dict[str, Any]) -> d
     }
 
 
-@flow(name="pretrain", log_prints=True)
-def pretrain_flow(config: RunConfig, tokenize_path: str) -> dict[str, Any]:
-    """Train the model on a complete tokenize stage into `<run_dir>/pretrain-<hash>/` (resuming if started)."""
-    started = time.time()
-    upstream = complete_upstream(tokenize_path, STAGE)
-    probe = train_spec(config, upstream.path, Path("."))
-    code = f"{package_version()}/{CODE_VERSION}"
-    stage = StageDir.for_stage(config.run_dir, STAGE,
-                               stage_hash(STAGE, pretrain_params(config, probe), [upstream.name], code))
-    if (done := completed_stage_result(stage)) is not None:
-        return done
-    spec = replace(probe, out_dir=str(stage.path))
-    check_resume(stage.path, ModelConfig(**spec.model))
-    stage.prepare()
-    train_task.with_options(retries=config.orchestration.task_retries,
-                            retry_delay_seconds=config.orchestration.retry_delay_seconds)(config, spec,
-                                                                                          str(stage.path))
-    latest = latest_checkpoint(stage.path / CHECKPOINTS_DIR)
-    if latest is None or read_state(latest)["step"] != spec.steps:
-        raise RuntimeError(f"pretrain: training ended without a final checkpoint in {stage.path}")
-    export_task(str(latest), str(upstream.path / TOKENIZER_DIR), str(stage.path / HF_DIR))
-    index = read_index(upstream.path / TOKENS_DIR)
-    stats = pretrain_stats(stage, spec, index)
-    loss_curve_png(read_metrics(stage.path / METRICS_FILE), stage.path / LOSS_PNG, f"pretrain: {config.name}",
-                   index["unigram_val_loss"])
-    outputs = {"checkpoints": {"path": CHECKPOINTS_DIR, "latest": latest.name}, "metrics": METRICS_FILE,
-               "loss_curve": LOSS_PNG, "hf": HF_DIR}
-    manifest = stage_manifest(stage, STAGE, code, pretrain_params(config, spec), upstream, outputs, stats, started)
-    stage.publish(manifest)
-    publish_artifact(manifest)
-    get_run_logger().info("pretrain: %s: val loss %s vs unigram %s", stage.path, stats["final_val_loss"],
-                          stats["unigram_val_loss"])
-    return {"path": str(stage.path), "skipped": False, "stats": stats}
+PRETRAIN = PretrainStage()
+pretrain_flow = stage_flow(PRETRAIN)

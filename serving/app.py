@@ -52,6 +52,16 @@ API_KEY_ENV = "FORGELINE_API_KEY"
 _ENGINE_HANDLES: dict[str, Any] = {}
 
 
+def _settle(future: asyncio.Future[Any], kind: str, payload: Any) -> None:
+    """Resolve a request's future on the event loop (once: a late event after an abort is ignored)."""
+    if future.done():
+        return
+    if kind == "done":
+        future.set_result(payload)
+    else:
+        future.set_exception(payload)
+
+
 def register_engine(name: str, handle: Any) -> None:
     """Called by the ingress replica; module-level (pickled by reference) so the routes find the same dict."""
     _ENGINE_HANDLES[name] = handle
@@ -111,10 +121,8 @@ class EngineServer:
         future: asyncio.Future[Any] = loop.create_future()
 
         def on_event(kind: str, payload: Any) -> None:
-            if kind == "done":
-                loop.call_soon_threadsafe(lambda: future.done() or future.set_result(payload))
-            elif kind == "error":
-                loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(payload))
+            if kind in ("done", "error"):
+                loop.call_soon_threadsafe(_settle, future, kind, payload)
 
         request = self._submit(prompt, params, on_event)
         try:
@@ -403,7 +411,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         autoscaling_config={"min_replicas": 1, "max_replicas": replicas, "target_ongoing_requests": 16},
         health_check_period_s=10, ray_actor_options={"num_cpus": float(args.get("engine_cpus", 1)),
                                                      "num_gpus": float(args.get("engine_gpus", 0))},
-    ).bind(model, name, int(args.get("max_batch", 16)), str(args.get("dtype", "float32")))
+    ).bind(model, name, int(args.get("max_batch", 16)), str(args.get("dtype", "float32")))  # type: ignore[attr-defined]
 
     @serve.deployment(name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0},
                       logging_config=logging)
@@ -412,4 +420,4 @@ def app_builder(args: dict[str, Any]) -> Any:
         def __init__(self, engine_handle: Any) -> None:
             register_engine(name, engine_handle)
 
-    return APIIngress.bind(engine)
+    return APIIngress.bind(engine)  # type: ignore[attr-defined]

@@ -33,7 +33,8 @@ from dataprep.tokenizer import load_tokenizer
 from serving.decoder import FusedDecoder
 from serving.kv_cache import BatchKVCache
 from serving.sampling import RequestError, SamplingParams, choose_token, find_stop, make_generator, safe_prefix
-from workers.model import KVCache, ModelConfig, Transformer
+from workers.model import KVCache, Transformer
+from workers.model_config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -379,7 +380,8 @@ class Engine:
                 values, ids = torch.topk(logprobs[row], width + 1)
                 candidates += [(total + float(v), row, int(i)) for v, i in zip(values, ids, strict=True)]
             candidates.sort(key=lambda c: -c[0])
-            alive, rows = [], []
+            alive: list[tuple[list[int], float]] = []
+            rows: list[int] = []
             for total, row, token in candidates:
                 tokens = beams[row][0] + [token]
                 if token == self.eot_id or token in params.stop_token_ids:

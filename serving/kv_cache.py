@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.model import KVCache, ModelConfig
+from workers.model import KVCache
+from workers.model_config import ModelConfig
 
 
 class BatchKVCache:

@@ -25,7 +25,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dataprep.shards import atomic_write_json
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "train_state.json"
@@ -67,7 +69,7 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG the loop touches, as tensors and plain Python values (safe for `weights_only` loading)."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
@@ -160,7 +162,8 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
     rank = dist.get_rank() if dist.is_initialized() else 0
     model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (
         get_state_dict(model, [])[0], None)
-    target = {"model": model_state} if optim_state is None else {"model": model_state, "optim": optim_state}
+    target: dict[str, Any] = {"model": model_state} if optim_state is None else {"model": model_state,
+                                                                                "optim": optim_state}
     dcp.load(target, checkpoint_id=str(checkpoint))
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
@@ -172,7 +175,7 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
     return state
 
 
-def load_full_model(checkpoint: Path, model: torch.nn.Module) -> torch.nn.Module:
+def load_full_model(checkpoint: Path, model: ModuleT) -> ModuleT:
     """Load a checkpoint's weights into an unsharded model in one process (no process group needed)."""
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"

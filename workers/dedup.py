@@ -14,6 +14,7 @@ Flow of data (nothing but small arrays passes through the driver):
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,20 @@ import pyarrow.parquet as pq
 import ray
 import xxhash
 
-from dataprep.dedup import band_hashes, normalise_url, star_edges, verify_edges
-from dataprep.minhash import MinHasher, char_shingles, jaccard, normalise_text, word_shingles
+from dataprep.dedup import (
+    METHODS,
+    DedupConfig,
+    DocInfo,
+    band_hashes,
+    cluster_rows,
+    connected_components,
+    normalise_url,
+    star_edges,
+    verify_edges,
+)
+from dataprep.minhash import MinHasher, char_shingles, normalise_text
 from dataprep.shards import publish_table
 
-METHODS = ("exact", "url", "fuzzy")
 log = logging.getLogger(__name__)
 
 
@@ -42,10 +52,6 @@ def doc_key(doc_id: str) -> int:
     return _signed_hash(doc_id)
 
 
-def shingles_of(text: str, kind: str, ngram: int) -> list[bytes]:
-    return word_shingles(text, ngram) if kind == "word" else char_shingles(text, ngram)
-
-
 def _text_hash(text: str) -> int:
     return _signed_hash(normalise_text(text))
 
@@ -56,23 +62,24 @@ def _url_hash(url: str | None) -> int:
 
 
 @ray.remote(num_cpus=1)
-def signature_task(source: str, target: str, tmp_dir: str, params: dict[str, Any]) -> int:
+def signature_task(source: str, target: str, tmp_dir: str, config: DedupConfig) -> int:
     """Keys of one input shard → `target` (skipped when it exists). Returns the document count."""
     if Path(target).exists():
         return pq.read_metadata(target).num_rows
     table = pq.read_table(source, columns=["doc_id", "text", "url"])
     doc_ids, texts, urls = (table[c].to_pylist() for c in ("doc_id", "text", "url"))
-    hasher = MinHasher(num_perm=params["num_perm"], seed=params["seed"], shingle_hash=params["shingle_hash"])
-    if params["shingle"] == "word":
-        signatures = hasher.text_signatures(texts, params["ngram"])
+    hasher = MinHasher(num_perm=config.num_perm, seed=config.seed, shingle_hash=config.shingle_hash)
+    if config.shingle == "word":
+        signatures = hasher.text_signatures(texts, config.ngram)
     else:
-        signatures = hasher.signatures(char_shingles(t, params["ngram"]) for t in texts)
-    bands = band_hashes(signatures, params["bands"], params["rows"]).view(np.int64)
+        signatures = hasher.signatures(char_shingles(t, config.ngram) for t in texts)
+    band_count, rows = config.lsh()
+    bands = band_hashes(signatures, band_count, rows).view(np.int64)
     columns = {
         "key": pa.array([doc_key(d) for d in doc_ids], pa.int64()),
         "text_hash": pa.array([_text_hash(t) for t in texts], pa.int64()),
         "url_hash": pa.array([_url_hash(u) for u in urls], pa.int64()),
-        "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1)), params["bands"]),
+        "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1)), band_count),
     }
     publish_table(pa.table(columns), Path(target), Path(tmp_dir))
     return len(doc_ids)
@@ -133,25 +140,21 @@ def route_task(sig_path: str, actors: list[Any], methods: list[str]) -> int:
 
 
 @ray.remote(num_cpus=1)
-def gather_task(source: str, wanted: np.ndarray) -> dict[int, tuple[str, str, int, Any, str | None]]:
-    """doc key → (doc_id, text, text length, crawl date, url) for the wanted documents of one shard."""
+def gather_task(source: str, wanted: np.ndarray) -> dict[int, DocInfo]:
+    """doc key → what clustering needs, for the wanted documents of one shard."""
     table = pq.read_table(source, columns=["doc_id", "text", "crawl_date", "url"])
     keys = np.array([doc_key(d) for d in table["doc_id"].to_pylist()], dtype=np.int64)
     rows = np.flatnonzero(np.isin(keys, wanted))
     picked = table.take(pa.array(rows)).to_pylist()
-    return {
-        int(keys[r]): (p["doc_id"], p["text"], len(p["text"]), p["crawl_date"], p["url"])
-        for r, p in zip(rows, picked, strict=True)
-    }
+    return {int(keys[r]): DocInfo(p["doc_id"], p["text"], p["crawl_date"], p["url"])
+            for r, p in zip(rows, picked, strict=True)}
 
 
 @ray.remote(num_cpus=1)
-def verify_task(edges: np.ndarray, texts: dict[int, str], params: dict[str, Any]) -> list[tuple[int, int, float]]:
+def verify_task(edges: np.ndarray, texts: dict[int, str], config: DedupConfig) -> list[tuple[int, int, float]]:
     """Exact Jaccard of each candidate edge; keeps those at or above the threshold."""
-    shingle_sets = {
-        int(key): set(shingles_of(texts[int(key)], params["shingle"], params["ngram"])) for key in np.unique(edges)
-    }
-    return verify_edges(edges, shingle_sets, params["threshold"])
+    shingle_sets = {int(key): set(config.shingles(texts[int(key)])) for key in np.unique(edges)}
+    return verify_edges(edges, shingle_sets, config.threshold)
 
 
 @ray.remote(num_cpus=1)
@@ -196,32 +199,29 @@ def _chunks(array: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def run_dedup(
-    sources: list[Path], work_dir: Path, out_dir: Path, tmp_dir: Path, params: dict[str, Any]
+    sources: list[Path], work_dir: Path, out_dir: Path, tmp_dir: Path, config: DedupConfig
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Dedup the document shards `sources`; returns (stats, one row per removed document).
 
     Kept documents are written to `out_dir` with the same file names as their source shards.
     """
-    from dataprep.dedup import connected_components, representative_order
-
     sig_paths = [work_dir / "sig" / s.name for s in sources]
     docs_in = sum(ray.get([
-        signature_task.remote(str(s), str(t), str(tmp_dir), params) for s, t in zip(sources, sig_paths, strict=True)
+        signature_task.remote(str(s), str(t), str(tmp_dir), config) for s, t in zip(sources, sig_paths, strict=True)
     ]))
-    methods = [m for m in METHODS if params[m]]
-    edges, peak_actor_bytes = _bucket_edges(sig_paths, methods, params["num_actors"])
+    edges, peak_actor_bytes = _bucket_edges(sig_paths, config.methods(), config.num_actors)
     candidates = {m: np.unique(e, axis=0) if len(e) else e.reshape(0, 2) for m, e in edges.items()}
     involved = np.unique(np.concatenate([e.reshape(-1) for e in candidates.values()] or [np.empty(0, np.int64)]))
-    info: dict[int, tuple[str, str, int, Any, str | None]] = {}
+    info: dict[int, DocInfo] = {}
     wanted = ray.put(involved)
     for part in ray.get([gather_task.remote(str(s), wanted) for s in sources]):
         info.update(part)
     verified: list[tuple[int, int, float]] = []
     fuzzy = candidates.get("fuzzy", np.empty((0, 2), np.int64))
-    if len(fuzzy) and params["verify"]:
-        texts = ray.put({k: v[1] for k, v in info.items()})
-        for part in ray.get([verify_task.remote(c, texts, params) for c in _chunks(fuzzy, 2000)]):
-            verified.extend(part)
+    if len(fuzzy) and config.verify:
+        texts = ray.put({k: v.text for k, v in info.items()})
+        for kept in ray.get([verify_task.remote(c, texts, config) for c in _chunks(fuzzy, 2000)]):
+            verified.extend(kept)
     elif len(fuzzy):
         verified = [(int(a), int(b), float("nan")) for a, b in fuzzy.tolist()]
     dense = {int(k): i for i, k in enumerate(involved.tolist())}
@@ -231,12 +231,14 @@ def run_dedup(
     labels = connected_components(len(involved), all_edges)
     clusters: dict[int, list[int]] = {}
     for index, label in enumerate(labels.tolist()):
-        clusters.setdefault(label, []).append(index)
-    rows, removed = _cluster_rows(clusters, involved, info, params, representative_order)
+        clusters.setdefault(label, []).append(int(involved[index]))
+    removed_docs, removed = cluster_rows(clusters.values(), info, config)
+    rows = [asdict(row) for row in removed_docs]
     removed_ref = ray.put(np.array(removed, np.int64))
     ray.get([filter_task.remote(str(s), str(out_dir / s.name), str(tmp_dir), removed_ref) for s in sources])
     counts = {m: sum(r["method"] == m for r in rows) for m in METHODS}
     sizes = [len(m) for m in clusters.values() if len(m) > 1]
+    bands, band_rows = config.lsh()
     stats = {
         "records_in": docs_in,
         "records_out": docs_in - len(removed),
@@ -245,43 +247,7 @@ def run_dedup(
         "largest_cluster": max(sizes, default=1),
         "candidate_edges": {m: int(len(e)) for m, e in candidates.items()},
         "verified_fuzzy_edges": len(verified),
-        "lsh": {"bands": params["bands"], "rows": params["rows"]},
+        "lsh": {"bands": bands, "rows": band_rows},
         "peak_actor_bytes": int(peak_actor_bytes),
     }
     return stats, rows
-
-
-def _cluster_rows(clusters, involved, info, params, order) -> tuple[list[dict[str, Any]], list[int]]:
-    """One audit row per removed document, and the keys of the removed documents."""
-    rows: list[dict[str, Any]] = []
-    removed: list[int] = []
-    shingle_cache: dict[int, set[bytes]] = {}
-
-    def shingle_set(key: int) -> set[bytes]:
-        if key not in shingle_cache:
-            shingle_cache[key] = set(shingles_of(info[key][1], params["shingle"], params["ngram"]))
-        return shingle_cache[key]
-
-    for members in clusters.values():
-        if len(members) < 2:
-            continue
-        keys = [int(involved[m]) for m in members]
-        ranked = sorted(keys, key=lambda k: order(params["keep"], info[k][0], info[k][2], info[k][3]))
-        keep, cluster_id = ranked[0], min(info[k][0] for k in keys)
-        for key in ranked[1:]:
-            same_text = normalise_text(info[key][1]) == normalise_text(info[keep][1])
-            same_url = normalise_url(info[key][4]) is not None and normalise_url(info[key][4]) == normalise_url(
-                info[keep][4]
-            )
-            method = "exact" if same_text else "url" if same_url else "fuzzy"
-            rows.append({
-                "doc_id": info[key][0],
-                "cluster_id": cluster_id,
-                "representative_id": info[keep][0],
-                "similarity": 1.0 if same_text else jaccard(shingle_set(key), shingle_set(keep)),
-                "method": method,
-                "cluster_size": len(keys),
-            })
-            removed.append(key)
-    rows.sort(key=lambda r: r["doc_id"])
-    return rows, removed

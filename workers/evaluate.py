@@ -24,7 +24,8 @@ from dataprep.eval_tasks import TaskError, TaskSpec, read_examples, score_choice
 from dataprep.packing import TokenWindows
 from dataprep.tokenizer import load_tokenizer
 from workers.checkpoint import STATE_FILE, load_full_model, read_state
-from workers.model import KVCache, ModelConfig, Transformer
+from workers.model import KVCache, Transformer
+from workers.model_config import ModelConfig
 
 PERPLEXITY_TASK = "heldout"
 

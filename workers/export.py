@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from dataprep.shards import atomic_write_json
 from dataprep.tokenizer import EOT_TOKEN, load_tokenizer, save_tokenizer
 from workers.checkpoint import load_full_model, read_state
-from workers.model import ModelConfig, Transformer
+from workers.model import Transformer
+from workers.model_config import ModelConfig
 
 
 def llama_config(config: ModelConfig, eot_id: int) -> dict[str, Any]:

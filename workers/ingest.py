@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from dataprep.ingest import IngestSettings, IngestUnit, run_ingest_unit
+from dataprep.ingest import IngestConfig, IngestUnit, run_ingest_unit
 from dataprep.stage import FaultPlan, StageDir
 
 log = logging.getLogger(__name__)
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=1)
 def ingest_file_task(
-    stage_path: str, unit: IngestUnit, settings: IngestSettings, fault: FaultPlan | None
+    stage_path: str, unit: IngestUnit, settings: IngestConfig, fault: FaultPlan | None
 ) -> dict[str, Any]:
     """Ray task: ingest one file into the stage directory and return its (small) stats dict."""
     return run_ingest_unit(StageDir(Path(stage_path)), unit, settings, fault)
@@ -26,7 +26,7 @@ def ingest_file_task(
 def run_ingest_units(
     stage: StageDir,
     units: list[IngestUnit],
-    settings: IngestSettings,
+    settings: IngestConfig,
     *,
     max_retries: int = 3,
     fault: FaultPlan | None = None,

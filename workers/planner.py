@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from workers.model import ModelConfig, flops_per_token, parameter_count
+from workers.model_config import ModelConfig, flops_per_token, parameter_count
 from workers.pretrain import PEAK_BF16_FLOPS
 
 GIB = 2**30

@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,52 +38,15 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from dataprep.packing import TokenWindows, read_index
 from dataprep.shards import atomic_write_bytes
 from workers.checkpoint import check_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
-from workers.model import ModelConfig, Transformer, flops_per_token, parameter_count
+from workers.model import Transformer
+from workers.model_config import ModelConfig, flops_per_token, parameter_count
+from workers.train_config import TrainJob
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 # Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets); MFU is not reported for other devices.
 PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
                    "A10G": 70e12, "A10": 125e12, "V100": 125e12}
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """Everything one training run needs; a plain-JSON dict travels to every worker."""
-
-    model: dict[str, Any]
-    data_dir: str
-    out_dir: str
-    steps: int
-    micro_batch: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    seed: int = 0
-    precision: str = "fp32"  # "bf16" (GPU) or "fp32"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    checkpoint_every: int = 50
-    checkpoint_initial: bool = False  # save step 0 too (the initialised model), e.g. for evaluation curves
-    keep_last: int = 2
-    eval_every: int = 50
-    eval_windows: int = 64
-    log_every: int = 10
-    threads: int = 1
-    use_gpu: bool = False
-    fault_step: int | None = None  # failure drill: the last rank SIGKILLs itself after this step (once)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainSpec:
-        return cls(**{**data, "betas": tuple(data.get("betas", (0.9, 0.95)))})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Reporter(Protocol):
@@ -97,9 +60,9 @@ class Context:
     device: torch.device
 
 
-def setup_distributed(spec: TrainSpec) -> Context:
+def setup_distributed(job: TrainJob) -> Context:
     """Use the process group Ray Train or torchrun made, or a one-rank gloo group for a plain process."""
-    use_cuda = spec.use_gpu and torch.cuda.is_available()
+    use_cuda = job.config.use_gpu and torch.cuda.is_available()
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             with socket.socket() as probe:
@@ -112,42 +75,42 @@ def setup_distributed(spec: TrainSpec) -> Context:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(spec.threads)
+        torch.set_num_threads(job.config.cpus_per_worker)
     return Context(dist.get_rank(), dist.get_world_size(), device)
 
 
-def build_model(config: ModelConfig, spec: TrainSpec, device: torch.device) -> Transformer:
+def build_model(config: ModelConfig, job: TrainJob, device: torch.device) -> Transformer:
     """Initialise on CPU from the seed, move, then shard each block and the root with FSDP2."""
     model = Transformer(config)
-    model.init_weights(spec.seed)
-    model.activation_checkpointing = spec.activation_checkpointing
+    model.init_weights(job.config.seed)
+    model.activation_checkpointing = job.config.activation_checkpointing
     model.to(device)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if spec.precision == "bf16" else MixedPrecisionPolicy()
+        if job.config.resolved_precision() == "bf16" else MixedPrecisionPolicy()
     for block in model.model.layers:
-        if spec.compile:
+        if job.config.compile:
             block.compile()
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
 
 
-def build_optimizer(model: torch.nn.Module, spec: TrainSpec) -> tuple[torch.optim.Optimizer, Any]:
+def build_optimizer(model: torch.nn.Module, job: TrainJob) -> tuple[torch.optim.Optimizer, Any]:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.lr, betas=spec.betas, eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
+        [{"params": decay, "weight_decay": job.config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=job.config.lr, betas=job.config.betas, eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, job))
     return optimizer, scheduler
 
 
-def lr_factor(step: int, spec: TrainSpec) -> float:
+def lr_factor(step: int, job: TrainJob) -> float:
     """Linear warm-up to `lr`, then cosine decay to `min_lr` at the last step."""
-    if step < spec.warmup_steps:
-        return (step + 1) / spec.warmup_steps
-    progress = min(1.0, (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps))
-    floor = spec.min_lr / spec.lr
+    if step < job.config.warmup_steps:
+        return (step + 1) / job.config.warmup_steps
+    progress = min(1.0, (step - job.config.warmup_steps) / max(1, job.config.steps - job.config.warmup_steps))
+    floor = job.config.min_lr / job.config.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -231,8 +194,8 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
 
-def _validate(spec: TrainSpec, config: ModelConfig) -> dict[str, Any]:
-    index = read_index(Path(spec.data_dir))
+def _validate(job: TrainJob, config: ModelConfig) -> dict[str, Any]:
+    index = read_index(Path(job.data_dir))
     if index["seq_len"] > config.max_seq_len:
         raise ValueError(f"packed seq_len {index['seq_len']} exceeds the model's context model.max_seq_len "
                          f"{config.max_seq_len}")
@@ -241,29 +204,29 @@ def _validate(spec: TrainSpec, config: ModelConfig) -> dict[str, Any]:
     return index
 
 
-def _fault(spec: TrainSpec, step: int, ctx: Context) -> None:
+def _fault(job: TrainJob, step: int, ctx: Context) -> None:
     """Failure drill: the last rank SIGKILLs itself once, after finishing `fault_step`."""
-    if spec.fault_step != step or ctx.rank != ctx.world - 1:
+    if job.fault_step != step or ctx.rank != ctx.world - 1:
         return
-    marker = Path(spec.out_dir) / f".fault-step-{step}"
+    marker = Path(job.out_dir) / f".fault-step-{step}"
     if marker.exists():
         return
     marker.write_text("fired\n")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(spec: TrainSpec, report: Reporter | None = None) -> dict[str, Any]:
-    """Run (or resume) training to `spec.steps`; returns the last metrics on rank 0."""
-    ctx = setup_distributed(spec)
-    config = ModelConfig(**spec.model)
-    index = _validate(spec, config)
-    out = Path(spec.out_dir)
+def train(job: TrainJob, report: Reporter | None = None) -> dict[str, Any]:
+    """Run (or resume) training to `job.config.steps`; returns the last metrics on rank 0."""
+    ctx = setup_distributed(job)
+    config = ModelConfig(**job.model)
+    index = _validate(job, config)
+    out = Path(job.out_dir)
     ckpt_root = out / CHECKPOINTS_DIR
-    train_data, val_data = TokenWindows(Path(spec.data_dir), "train"), TokenWindows(Path(spec.data_dir), "val")
+    train_data, val_data = TokenWindows(Path(job.data_dir), "train"), TokenWindows(Path(job.data_dir), "val")
     seq_len = int(index["seq_len"])
-    plan = BatchPlan(len(train_data), spec.micro_batch * spec.grad_accum * ctx.world, spec.seed)
-    model = build_model(config, spec, ctx.device)
-    optimizer, scheduler = build_optimizer(model, spec)
+    plan = BatchPlan(len(train_data), job.config.micro_batch * job.config.grad_accum * ctx.world, job.config.seed)
+    model = build_model(config, job, ctx.device)
+    optimizer, scheduler = build_optimizer(model, job)
     start = 0
     resume_from = latest_checkpoint(ckpt_root)
     if resume_from is not None:
@@ -286,30 +249,32 @@ def train(spec: TrainSpec, report: Reporter | None = None) -> dict[str, Any]:
     def checkpoint(step: int, metrics: dict[str, Any]) -> None:
         save_checkpoint(ckpt_root, step, model, optimizer,
                         {"scheduler": scheduler.state_dict(), "data_position": step, "model": config.to_dict(),
-                         "world_size": ctx.world, "seed": spec.seed, "spec": spec.to_dict(), "metrics": metrics},
-                        spec.keep_last)
+                         "world_size": ctx.world, "seed": job.config.seed, "spec": job.model_dump(mode="json"),
+                         "metrics": metrics},
+                        job.config.keep_last)
 
-    if start == 0 and spec.checkpoint_initial:
+    if start == 0 and job.config.checkpoint_initial:
         checkpoint(0, {"step": 0, "tokens": 0})
         # DCP's get_state_dict initialises AdamW's state with a zero-lr step (step count 1); drop it so the
         # run is the same with or without this checkpoint.
         optimizer.state.clear()
     flops = flops_per_token(config, seq_len)
-    peak = peak_flops(ctx.device, spec.precision)
-    autocast_dtype = torch.bfloat16 if spec.precision == "bf16" else None
+    peak = peak_flops(ctx.device, job.config.resolved_precision())
+    autocast_dtype = torch.bfloat16 if job.config.resolved_precision() == "bf16" else None
     started, last = time.time(), {}
-    for step in range(start, spec.steps):
+    for step in range(start, job.config.steps):
         tick = time.time()
-        micro_batches = plan.rank_micro_batches(step, ctx.rank, ctx.world, spec.micro_batch, spec.grad_accum)
+        micro_batches = plan.rank_micro_batches(step, ctx.rank, ctx.world, job.config.micro_batch,
+                                                job.config.grad_accum)
         loss_sum = torch.zeros((), device=ctx.device)
         for m, positions in enumerate(micro_batches):
             model.set_requires_gradient_sync(m == len(micro_batches) - 1)
             inputs, targets = _tensors(train_data.batch(positions), ctx.device)
             with torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = model(inputs, targets)
-            (loss / spec.grad_accum).backward()
+            (loss / job.config.grad_accum).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), job.config.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -320,28 +285,28 @@ def train(spec: TrainSpec, report: Reporter | None = None) -> dict[str, Any]:
         done = step + 1
         seconds = time.time() - tick
         row: dict[str, Any] = {
-            "step": done, "loss": float(loss_sum) / spec.grad_accum, "lr": lr, "grad_norm": float(grad_norm),
+            "step": done, "loss": float(loss_sum) / job.config.grad_accum, "lr": lr, "grad_norm": float(grad_norm),
             "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_step / seconds,
             "step_seconds": seconds, "peak_memory_mb": peak_memory_bytes(ctx.device) / 2**20,
         }
         if peak is not None:
             row["mfu"] = flops * tokens_per_step / ctx.world / seconds / peak
-        if done % spec.eval_every == 0 or done == spec.steps:
-            row["val_loss"] = evaluate(model, val_data, spec.eval_windows, ctx, spec.micro_batch)
-        checkpointing = done % spec.checkpoint_every == 0 or done == spec.steps
+        if done % job.config.eval_every == 0 or done == job.config.steps:
+            row["val_loss"] = evaluate(model, val_data, job.config.eval_windows, ctx, job.config.micro_batch)
+        checkpointing = done % job.config.checkpoint_every == 0 or done == job.config.steps
         if checkpointing:
             checkpoint(done, row)
         if ctx.rank == 0:
             with open(metrics_path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
-            if done % spec.log_every == 0 or done == spec.steps or "val_loss" in row:
+            if done % job.config.log_every == 0 or done == job.config.steps or "val_loss" in row:
                 val = f" val {row['val_loss']:.4f}" if "val_loss" in row else ""
-                print(f"{_progress(done, spec.steps, started, start)} loss {row['loss']:.4f}{val} lr {lr:.2e} "
+                print(f"{_progress(done, job.config.steps, started, start)} loss {row['loss']:.4f}{val} lr {lr:.2e} "
                       f"{row['tokens_per_s']:,.0f} tok/s", flush=True)
         if report is not None and ("val_loss" in row or checkpointing):
             report(row)
         last = row
-        _fault(spec, done, ctx)
+        _fault(job, done, ctx)
     return last
 
 
@@ -349,7 +314,7 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     """`train_loop_per_worker` for `ray.train.torch.TorchTrainer`: reports metrics at evals/checkpoints."""
     import ray.train
 
-    train(TrainSpec.from_dict(config), report=lambda metrics: ray.train.report(metrics))
+    train(TrainJob.model_validate(config), report=lambda metrics: ray.train.report(metrics))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -357,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 1:
         raise SystemExit("usage: python -m workers.pretrain SPEC.json")
-    train(TrainSpec.from_dict(json.loads(Path(args[0]).read_text())))
+    train(TrainJob.model_validate_json(Path(args[0]).read_text()))
     dist.destroy_process_group()
 
 

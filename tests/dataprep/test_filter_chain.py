@@ -31,7 +31,7 @@ from dataprep.filtering import (
     pareto_keep,
     run_chain,
 )
-from dataprep.ingest import IngestSettings, process_record
+from dataprep.ingest import IngestConfig, process_record
 from dataprep.readers import open_records
 from dataprep.stage import StageDir
 from dataprep.training_data import chunk_words, read_jigsaw, write_jigsaw
@@ -47,7 +47,7 @@ def _step(rule: str, mode: str = "drop", **params: object) -> Step:
 def _crawl_docs(path: Path, fmt: str = "warc") -> list[dict]:
     rows = []
     for record in open_records(str(path), fmt):
-        kind, row, _ = process_record(record, IngestSettings())
+        kind, row, _ = process_record(record, IngestConfig(inputs=[str(path)]))
         if kind == "doc" and row:
             rows.append(row)
     return rows

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dataprep.ingest import DATA_DIR, QUARANTINE_DIR, IngestSettings, IngestUnit, run_ingest_unit
+from dataprep.ingest import DATA_DIR, QUARANTINE_DIR, IngestConfig, IngestUnit, run_ingest_unit
 from dataprep.stage import FaultPlan, InjectedFault, StageDir
 from tests.conftest import html_page, make_warc
 
@@ -41,7 +41,8 @@ def test_counts_every_drop_by_reason(tmp_path: Path) -> None:
     path.write_bytes(make_warc(_good_pages(3) + _bad_pages()))
     stage = StageDir(tmp_path / "ingest-x")
     stage.prepare()
-    stats = run_ingest_unit(stage, IngestUnit(0, str(path), "warc"), IngestSettings(max_payload_bytes=20_000))
+    config = IngestConfig(inputs=[str(path)], max_payload_bytes=20_000)
+    stats = run_ingest_unit(stage, IngestUnit(0, str(path), "warc"), config)
     assert stats["docs_out"] == 3
     assert stats["quarantined"] == {"binary_payload": 1, "non_html": 1, "empty_payload": 1, "too_large": 1,
                                     "invalid_encoding": 1, "http_not_ok": 1, "empty_text": 1}
@@ -59,7 +60,7 @@ def test_resume_after_fault_equals_undisturbed_run(tmp_path: Path, fail_after: i
     path = tmp_path / "many.warc.gz"
     path.write_bytes(make_warc(_good_pages(23) + _bad_pages()))
     unit = IngestUnit(4, str(path), "warc")
-    settings = IngestSettings(shard_max_records=5)
+    settings = IngestConfig(inputs=[str(path)], shard_max_records=5)
 
     clean = StageDir(tmp_path / "clean" / "ingest-x")
     clean.prepare()
@@ -88,7 +89,7 @@ def test_finished_unit_is_not_redone(tmp_path: Path) -> None:
     stage = StageDir(tmp_path / "ingest-x")
     stage.prepare()
     unit = IngestUnit(0, str(path), "jsonl")
-    first = run_ingest_unit(stage, unit, IngestSettings())
+    first = run_ingest_unit(stage, unit, IngestConfig(inputs=[str(path)]))
     path.unlink()
-    assert run_ingest_unit(stage, unit, IngestSettings()) == first
+    assert run_ingest_unit(stage, unit, IngestConfig(inputs=[str(path)])) == first
     assert first["docs_out"] == 1 and first["quarantined"] == {"empty_text": 1}

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ def write_tasks(directory: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, prefect_server: None, ray_local: None) -> dict[str, Any]:
     """Tokenize on Ray, then train 30 steps in one process (torchrun path) with checkpoints at 0, 10, 20, 30."""
-    from flows.pretrain import train_spec
+    from flows.pretrain import train_job
     from flows.tokenize import tokenize_flow
 
     root = tmp_path_factory.mktemp("evalrun")
@@ -60,9 +59,10 @@ def run(tmp_path_factory: pytest.TempPathFactory, prefect_server: None, ray_loca
     corpus = write_corpus_stage(root / "filter-test", reference_documents(120))
     tokens = Path(tokenize_flow(config, str(corpus))["path"])
     stage = config.run_dir / "pretrain-test"
-    spec = replace(train_spec(config, tokens, stage), checkpoint_initial=True, checkpoint_every=10, keep_last=10,
-                   eval_every=30)
-    (root / "spec.json").write_text(json.dumps(spec.to_dict()))
+    job = train_job(config, tokens, stage)
+    settings = job.config.model_copy(update={"checkpoint_initial": True, "checkpoint_every": 10, "keep_last": 10,
+                                             "eval_every": 30})
+    (root / "spec.json").write_text(job.model_copy(update={"config": settings}).model_dump_json())
     done = subprocess.run([sys.executable, "-m", "workers.pretrain", str(root / "spec.json")], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from dataprep.inputs import InputError
 from flows.config import parse_config
 from flows.ingest import ingest_flow
-from flows.inputs import InputError
 from tests.conftest import make_warc, mid_member_cut
 
 pytestmark = pytest.mark.integration

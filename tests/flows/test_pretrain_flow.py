@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from dataprep.curves import read_metrics
-from flows.config import RunConfig, parse_config
+from flows.config import ConfigError, RunConfig, parse_config
 from tests.conftest import REPO_ROOT, reference_documents, write_corpus_stage
 from workers.checkpoint import complete_checkpoints, read_journal
 
@@ -25,11 +25,11 @@ pytestmark = pytest.mark.integration
 COMPARED = ("loss", "grad_norm", "lr", "val_loss")
 
 
-def make_config(run_dir: Path, **pretrain: Any) -> RunConfig:
+def make_config(run_dir: Path, seq_len: int = 32, **pretrain: Any) -> RunConfig:
     return parse_config({
         "name": "pretrain-test", "run_dir": str(run_dir), "ray": {"num_cpus": 2},
         "ingest": {"inputs": ["unused.jsonl"]},
-        "tokenize": {"vocab_size": 512, "seq_len": 32, "holdout": 0.1, "windows_per_shard": 50},
+        "tokenize": {"vocab_size": 512, "seq_len": seq_len, "holdout": 0.1, "windows_per_shard": 50},
         "pretrain": {"model": {"preset": "tiny", "dim": 64, "n_layers": 2, "ffn_dim": 160, "max_seq_len": 64},
                      "steps": 24, "micro_batch": 4, "lr": 5e-3, "warmup_steps": 4, "num_workers": 2,
                      "checkpoint_every": 8, "eval_every": 8, "eval_windows": 16, "keep_last": 2,
@@ -139,11 +139,13 @@ def test_bad_inputs_fail_before_training(reference_run: dict[str, Any], corpus: 
     from flows.pretrain import pretrain_flow
     from flows.tokenize import tokenize_flow
 
-    too_long = make_config(tmp_path / "a", model={"preset": "tiny", "max_seq_len": 16})
+    with pytest.raises(ConfigError, match=r"tokenize.seq_len 32 is larger than the model's context"):
+        make_config(tmp_path / "a", model={"preset": "tiny", "max_seq_len": 16})  # caught by `forgeline validate`
+    too_long = make_config(tmp_path / "a", seq_len=8, model={"preset": "tiny", "max_seq_len": 16})
     with pytest.raises(ValueError, match=r"tokenize.seq_len 32 is larger than the model's context"):
-        pretrain_flow(too_long, reference_run["tokens"]["path"])
+        pretrain_flow(too_long, reference_run["tokens"]["path"])  # windows of an existing tokenize stage
     missing = parse_config({**make_config(tmp_path / "b").model_dump(mode="json"),
-                            "tokenize": {"tokenizer": str(tmp_path / "missing" / "tokenizer.json")}})
+                            "tokenize": {"seq_len": 32, "tokenizer": str(tmp_path / "missing" / "tokenizer.json")}})
     with pytest.raises(ValueError, match="tokenizer not found"):
         tokenize_flow(missing, str(corpus))
     empty = write_corpus_stage(tmp_path / "filter-empty", [])

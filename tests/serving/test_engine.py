@@ -10,7 +10,8 @@ from serving.decoder import FusedDecoder, attention, linear
 from serving.engine import Engine
 from serving.kv_cache import BatchKVCache
 from serving.sampling import RequestError, SamplingParams, safe_prefix
-from workers.model import KVCache, ModelConfig, Transformer
+from workers.model import KVCache, Transformer
+from workers.model_config import ModelConfig
 
 CONFIG = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
 TEXT = "the cat sat on the mat. a dog ran in the park. the sun is hot and the sky is blue."

@@ -19,7 +19,8 @@ import yaml
 from dataprep.tokenizer import save_tokenizer, train_bpe
 from workers.checkpoint import save_checkpoint
 from workers.export import export_hf
-from workers.model import ModelConfig, Transformer
+from workers.model import Transformer
+from workers.model_config import ModelConfig
 
 pytestmark = pytest.mark.integration
 SERVE_CONFIG = Path(__file__).resolve().parents[2] / "infra" / "serve.yaml"

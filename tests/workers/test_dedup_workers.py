@@ -10,16 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataprep.dedup import lsh_params
+from dataprep.dedup import DedupConfig
 from dataprep.ingest import DOCUMENT_SCHEMA
 from workers.dedup import run_dedup
 
 pytestmark = pytest.mark.integration
 
-PARAMS = {"exact": True, "url": True, "fuzzy": True, "threshold": 0.7, "num_perm": 128, "seed": 1,
-          "shingle": "word", "ngram": 5, "shingle_hash": "xxh32-words", "verify": True, "num_actors": 2,
-          "keep": "earliest_crawl"}
-PARAMS["bands"], PARAMS["rows"] = lsh_params(0.7, 128, 0.2, 0.8)
+PARAMS = DedupConfig(num_actors=2)
 
 
 def _doc(doc_id: str, text: str, url: str, day: int) -> dict:
@@ -60,7 +57,7 @@ def _write_shards(folder: Path, docs: list[dict], per_shard: int) -> list[Path]:
 
 
 def _run(tmp: Path, sources: list[Path], **overrides: object) -> tuple[dict, list[dict], list[str]]:
-    stats, rows = run_dedup(sources, tmp / "work", tmp / "out", tmp / "tmp", {**PARAMS, **overrides})
+    stats, rows = run_dedup(sources, tmp / "work", tmp / "out", tmp / "tmp", PARAMS.model_copy(update=overrides))
     kept = sorted(d for p in sorted((tmp / "out").glob("*.parquet")) for d in pq.read_table(p)["doc_id"].to_pylist())
     return stats, rows, kept
 

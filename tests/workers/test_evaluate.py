@@ -12,7 +12,8 @@ import torch
 from dataprep.packing import SplitPacker, TokenWindows, write_index
 from dataprep.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 from workers.evaluate import continuation_logprob, greedy_generate, perplexity, token_byte_lengths
-from workers.model import ModelConfig, Transformer
+from workers.model import Transformer
+from workers.model_config import ModelConfig
 
 CONFIG = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
 

@@ -18,7 +18,8 @@ from workers.checkpoint import (
     save_checkpoint,
 )
 from workers.export import export_hf
-from workers.model import PRESETS, KVCache, ModelConfig, Transformer, flops_per_token, parameter_count
+from workers.model import KVCache, Transformer
+from workers.model_config import PRESETS, ModelConfig, flops_per_token, parameter_count
 
 SMALL = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=64)
 

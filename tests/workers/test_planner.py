@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.model import PRESETS, ModelConfig, parameter_count
+from workers.model_config import PRESETS, ModelConfig, parameter_count
 from workers.planner import PlanInputs, activation_bytes, plan
 
 GIB = 2**30

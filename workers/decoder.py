@@ -1,0 +1,270 @@
+"""The one inference forward pass (serving's engine and evaluation alike): the Llama math of
+`workers.model.Transformer`, with less work per token. Training keeps the module; parity tests hold the two
+together (logits within 1e-5 in fp32).
+
+Decoding one token at batch 1 on a CPU is bound by reading the weights and by Python overhead, not by
+FLOPs. `Decoder` therefore:
+- fuses q/k/v into one matrix and gate/up into another (2 GEMVs per layer instead of 5, plus o and down);
+  the model's own `q_proj`/`k_proj`/... weights become views into the fused matrices, so no weight is
+  stored twice and the module forward (the reference the tests recompute with) stays usable;
+- looks RoPE cos/sin up in a table built once instead of recomputing them each step;
+- runs every call through one layer loop over a flat run of tokens (`_layers`), so the matmuls read the weights
+  once per step; only attention differs between a batch of sequences (`__call__`) and a continuous-batching
+  step that mixes running rows with newly admitted prompts (`mixed_step`);
+- multiplies one row by a matrix (batch-1 decode) as an elementwise product summed along rows on CPU, and runs
+  fp32 GEMMs of 4+ rows through oneDNN (`linear`, with `F.linear` as the fallback where the op is missing);
+- uses `F.rms_norm` and calls no `nn.Module`, so a step is a short list of tensor ops;
+- skips the attention mask when every row of a decode step has the same length, uses SDPA's causal kernel for
+  a fresh prefill, and computes single-query attention on CPU as two batched matmuls (`attention`).
+
+The cache a call reads and extends is any `KVStore`: `workers.model.KVCache` (rows of equal length) or
+`serving.kv_cache.BatchKVCache` (a length per row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.model import KVCache, Transformer, apply_rope, rope_tables
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(layer, q (N, H, D), k (N, KV, D), v (N, KV, D)) → attention output (N, H·D) for a flat run of N tokens."""
+
+
+class KVStore(Protocol):
+    """The cache protocol of the decoder and of `Transformer.forward`."""
+
+    def positions(self, new: int, device: torch.device) -> torch.Tensor:
+        """Positions of the next `new` tokens: (rows or 1, new)."""
+        ...
+
+    def attention_mask(self, new: int, device: torch.device) -> torch.Tensor | None:
+        """Which keys each new query may see (None: plain causal over the new block)."""
+        ...
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values (rows, KV, new, D); return every key/value so far."""
+        ...
+
+    def advance(self, new: int) -> None:
+        """Mark `new` more positions as filled (after the last layer)."""
+        ...
+
+    def uniform_length(self) -> int | None:
+        """The length every row has, or None when rows differ."""
+        ...
+
+
+@dataclass
+class FusedLayer:
+    attn_norm: torch.Tensor
+    qkv: torch.Tensor  # (q_dim + 2 * kv_dim, dim)
+    o: torch.Tensor
+    mlp_norm: torch.Tensor
+    gate_up: torch.Tensor  # (2 * ffn_dim, dim)
+    down: torch.Tensor
+
+
+def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
+    """One matrix stacking the weights of `linears`; each linear's weight becomes a view of its rows."""
+    fused = torch.cat([linear.weight.detach() for linear in linears]).contiguous()
+    start = 0
+    for linear_module in linears:
+        rows = linear_module.weight.shape[0]
+        linear_module.weight.data = fused[start:start + rows]
+        start += rows
+    return fused
+
+
+def _onednn_linear() -> Any:
+    """PyTorch's oneDNN linear op (what `torch.compile` lowers CPU linears to), or None where it is missing."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+ONEDNN_LINEAR = _onednn_linear()
+ONEDNN_MIN_ROWS = 4  # below this MKL's fp32 GEMM is as fast or faster on this CPU
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, onednn: Any = ONEDNN_LINEAR) -> torch.Tensor:
+    """`x @ weight.T`. On CPU in fp32: a single row as multiply-and-sum (bandwidth-bound GEMV); 4 rows or more
+    through oneDNN when `onednn` (the private op) is available, whose fp32 GEMM ran 1.4-2.3x faster than MKL's
+    on this CPU (a one-off observation; `benchmarks/serve.py` measures the end-to-end effect); else `F.linear`."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        if x.numel() == weight.shape[1]:
+            return torch.linalg.vecdot(weight, x.reshape(1, -1)).view(*x.shape[:-1], weight.shape[0])
+        if onednn is not None and x.numel() >= ONEDNN_MIN_ROWS * weight.shape[1]:
+            flat = onednn(x.reshape(-1, x.shape[-1]), weight, None, "none", [], "")
+            return flat.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+              ) -> torch.Tensor:
+    """Attention of q (B, H, T, D) over k/v (B, KV, S, D) with grouped heads (head h reads kv head h // (H/KV)).
+
+    One query per row on CPU (a decode step) is two batched matmuls with the softmax in fp32: PyTorch's CPU
+    SDPA takes a slow path for a single bf16 query. Everything else is `F.scaled_dot_product_attention`."""
+    rows, heads, queries, head_dim = q.shape
+    kv_heads, span = k.shape[1], k.shape[2]
+    if q.device.type != "cpu" or queries != 1 or causal:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=kv_heads != heads)
+    grouped = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
+    if k.dtype == torch.float32:
+        scores = torch.matmul(grouped, k.transpose(-1, -2))  # (B, KV, H/KV, S)
+    else:  # bf16 GEMM on CPU is faster with the cached keys (a strided slice) as the left operand
+        scores = torch.matmul(k, grouped.transpose(-1, -2)).transpose(-1, -2)
+    scores = scores.float() * head_dim ** -0.5
+    if mask is not None:  # (B, 1, 1, S): the keys each row may see
+        scores = scores.masked_fill(~mask.view(rows, 1, 1, span), float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(weights, v).view(rows, heads, 1, head_dim)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back before the weight (as `workers.model.RMSNorm` and HF Llama)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+def _heads_first(x: torch.Tensor, rows: int, new: int) -> torch.Tensor:
+    """(rows·new, heads, D) → (rows, heads, new, D)."""
+    return x.view(rows, new, x.shape[1], x.shape[2]).transpose(1, 2)
+
+
+class Decoder:
+    """`decoder(tokens, cache)` → logits (B, T, V); `decoder.mixed_step(...)` for continuous batching."""
+
+    def __init__(self, model: Transformer) -> None:
+        config = model.config
+        self.config, self.eps = config, config.norm_eps
+        self.q_dim, self.kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        backbone = model.model
+        with torch.no_grad():
+            self.layers = [FusedLayer(
+                attn_norm=block.input_layernorm.weight.detach(),
+                qkv=_fuse([block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]),
+                o=block.self_attn.o_proj.weight.detach(),
+                mlp_norm=block.post_attention_layernorm.weight.detach(),
+                gate_up=_fuse([block.mlp.gate_proj, block.mlp.up_proj]),
+                down=block.mlp.down_proj.weight.detach()) for block in backbone.layers]  # type: ignore[union-attr]
+        self.embed, self.final_norm = backbone.embed_tokens.weight.detach(), backbone.norm.weight.detach()
+        self.lm_head = model.lm_head.weight.detach()
+        self.device, self.dtype = self.embed.device, self.embed.dtype
+        cos, sin = rope_tables(config.head_dim, torch.arange(config.max_seq_len, device=self.device),
+                               config.rope_theta)
+        self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
+
+    def new_cache(self, rows: int, length: int) -> KVCache:
+        """An empty cache of `rows` sequences of up to `length` positions, in the decoder's dtype and device."""
+        return KVCache(self.config, rows, length, self.device, self.dtype)
+
+    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The blocks over a flat run of tokens (N,) at `positions` (N,); returns the hidden states (N, dim)."""
+        if int(positions.max()) + 1 > self.config.max_seq_len:
+            raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        count, head_dim = len(tokens), self.config.head_dim
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (N, 1, D)
+        x = F.embedding(tokens, self.embed)
+        for index, layer in enumerate(self.layers):
+            q, k, v = linear(rms_norm(x, layer.attn_norm, self.eps), layer.qkv).split(
+                (self.q_dim, self.kv_dim, self.kv_dim), dim=-1)
+            q = apply_rope(q.view(count, -1, head_dim), cos, sin)
+            k = apply_rope(k.view(count, -1, head_dim), cos, sin)
+            x = x + linear(attend(index, q, k, v.view(count, -1, head_dim)), layer.o)
+            gate, up = linear(rms_norm(x, layer.mlp_norm, self.eps), layer.gate_up).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, layer.down)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The lm-head over hidden states (…, dim)."""
+        return linear(rms_norm(hidden, self.final_norm, self.eps), self.lm_head)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, cache: KVStore) -> torch.Tensor:
+        """Logits of every position of `tokens` (B, T), which follow what `cache` holds for each row."""
+        batch, new = tokens.shape
+        positions = cache.positions(new, tokens.device).expand(batch, new).reshape(-1)
+        mask, causal = self._mask(cache, new, tokens.device)
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys, values = cache.update(index, _heads_first(k, batch, new), _heads_first(v, batch, new))
+            out = attention(_heads_first(q, batch, new), keys, values, mask, causal)
+            return out.transpose(1, 2).reshape(batch * new, -1)
+
+        hidden = self._layers(tokens.reshape(-1), positions, attend)
+        cache.advance(new)
+        return self.logits(hidden).view(batch, new, -1)
+
+    @torch.no_grad()
+    def mixed_step(self, last_tokens: list[int], cache: KVStore, prompts: list[list[int]], all_logits: list[bool],
+                   ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[KVCache]]:
+        """One forward pass over the next token of every running row *and* the prompts of newly admitted
+        requests (continuous batching with prefill folded into the decode step, as vLLM schedules it).
+
+        The tokens are flattened into one run for the matmuls, so the weights are read once per step however
+        many requests join; attention runs per segment: the running rows against `cache` (one query each), each
+        prompt causally against its own fresh `KVCache`. Returns (logits of the running rows (R, V) or None,
+        per prompt its logits (all positions when `all_logits[i]`, else the last one), per prompt its cache).
+        """
+        rows, lengths = len(last_tokens), [len(p) for p in prompts]
+        if any(length > self.config.max_seq_len for length in lengths):
+            raise ValueError(f"prompt exceeds max_seq_len {self.config.max_seq_len}")
+        tokens = torch.tensor(last_tokens + [t for p in prompts for t in p], device=self.device)
+        position_parts = [cache.positions(1, self.device).reshape(-1)] if rows else []
+        position_parts += [torch.arange(length, device=self.device) for length in lengths]
+        fresh = [self.new_cache(1, length) for length in lengths]
+        mask, causal = self._mask(cache, 1, self.device) if rows else (None, False)
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            outputs = []
+            if rows:  # (R, H, 1, D) against each row's cached keys
+                keys, values = cache.update(index, k[:rows, :, None], v[:rows, :, None])
+                outputs.append(attention(q[:rows, :, None], keys, values, mask, causal)[:, :, 0])
+            start = rows
+            for length, own in zip(lengths, fresh, strict=True):
+                part = slice(start, start + length)
+                keys, values = own.update(index, k[part].transpose(0, 1)[None], v[part].transpose(0, 1)[None])
+                outputs.append(attention(q[part].transpose(0, 1)[None], keys, values, None, True)[0].transpose(0, 1))
+                start += length
+            return torch.cat(outputs).reshape(len(tokens), -1)
+
+        hidden = self._layers(tokens, torch.cat(position_parts), attend)
+        if rows:
+            cache.advance(1)
+        for length, own in zip(lengths, fresh, strict=True):
+            own.advance(length)
+        return self._mixed_logits(hidden, rows, lengths, all_logits) + (fresh,)
+
+    def _mixed_logits(self, x: torch.Tensor, rows: int, lengths: list[int], all_logits: list[bool],
+                      ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The lm-head over only the positions asked for: each running row, each prompt's last (or every)."""
+        wanted, spans, start = list(range(rows)), [], rows
+        for length, every in zip(lengths, all_logits, strict=True):
+            first = len(wanted)
+            wanted += list(range(start, start + length)) if every else [start + length - 1]
+            spans.append(slice(first, len(wanted)))
+            start += length
+        logits = self.logits(x[wanted]).float()  # sampling and argmax in fp32 (a bf16 argmax is ~5x slower on CPU)
+        return (logits[:rows] if rows else None), [logits[span] for span in spans]
+
+    @staticmethod
+    def _mask(cache: KVStore, new: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """(attention mask, is_causal): none needed for one query per row over equal lengths."""
+        length = cache.uniform_length()
+        if length == 0:
+            return None, True  # a fresh prefill: plain causal attention over the new block
+        if new == 1 and length is not None:
+            return None, False  # each row's single query sees every key of that row
+        return cache.attention_mask(new, device), False
