@@ -31,9 +31,9 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
-from dataprep.dedup import DedupConfig  # noqa: E402
-from dataprep.ingest import DOCUMENT_SCHEMA  # noqa: E402
-from dataprep.minhash import jaccard, word_shingles  # noqa: E402
+from dataprep.dedup.documents import DedupConfig  # noqa: E402
+from dataprep.dedup.minhash import jaccard, word_shingles  # noqa: E402
+from dataprep.ingest.documents import DOCUMENT_SCHEMA  # noqa: E402
 from workers.dedup import run_dedup  # noqa: E402
 from workers.ray_runtime import init_ray  # noqa: E402
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from dataprep.quality_rules import HEURISTIC_RULES  # noqa: E402
+from dataprep.filter.rules import HEURISTIC_RULES  # noqa: E402
 
 CHAIN = ("gopher_repetition", "gopher_quality", "c4", "fineweb")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "crawl"
@@ -33,8 +33,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "crawl"
 def load_documents(pattern: str) -> list[str]:
     texts = [t for f in sorted(glob.glob(pattern)) for t in pq.read_table(f, columns=["text"])["text"].to_pylist()]
     if SHARED.is_dir():
-        from dataprep.ingest import IngestConfig, process_record
-        from dataprep.readers import open_records
+        from dataprep.ingest.documents import IngestConfig, process_record
+        from dataprep.ingest.readers import open_records
 
         settings = IngestConfig(inputs=[str(SHARED)])
         for path in sorted(SHARED.glob("*.warc.gz")):

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataprep.ingest import IngestConfig, process_record  # noqa: E402
-from dataprep.readers import RawRecord, open_records  # noqa: E402
-from dataprep.sample import build_sample  # noqa: E402
+from dataprep.ingest.documents import IngestConfig, process_record  # noqa: E402
+from dataprep.ingest.readers import RawRecord, open_records  # noqa: E402
+from dataprep.sample.build import build_sample  # noqa: E402
 
 EXTRACTORS = ("resiliparse", "trafilatura")
 DEFAULT = IngestConfig.model_fields["extractor"].default
@@ -80,7 +80,7 @@ def big_file_memory(gigabytes: float) -> dict[str, float]:
                 handle.write(member)
         code = (
             "import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[3]);"
-            "from dataprep.ingest import IngestConfig, IngestUnit, run_ingest_unit;"
+            "from dataprep.ingest.documents import IngestConfig, IngestUnit, run_ingest_unit;"
             "from dataprep.stage import StageDir; s = StageDir(Path(sys.argv[2])); s.prepare();"
             "c = IngestConfig(inputs=[sys.argv[1]]); t = time.perf_counter();"
             "r = run_ingest_unit(s, IngestUnit(0, sys.argv[1], 'warc'), c);"

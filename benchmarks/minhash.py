@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasketch import MinHash  # noqa: E402
 
-from dataprep.minhash import MinHasher, word_shingles  # noqa: E402
+from dataprep.dedup.minhash import MinHasher, word_shingles  # noqa: E402
 
 NUM_PERM = 128
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dataprep.tokenizer import EOT_TOKEN, save_tokenizer, train_bpe  # noqa: E402
+from dataprep.tokenize.tokenizer import EOT_TOKEN, save_tokenizer, train_bpe  # noqa: E402
 from serving.engine import Engine  # noqa: E402
 from serving.sampling import SamplingParams  # noqa: E402
 from workers.checkpoint import save_checkpoint  # noqa: E402
@@ -45,7 +45,7 @@ from workers.model_config import model_config, parameter_count  # noqa: E402
 
 
 def build(work: Path) -> tuple[Path, Engine]:
-    from dataprep.prose import reference_articles
+    from dataprep.sample.prose import reference_articles
 
     texts = [" ".join(a.paragraphs) for a in reference_articles(set())]
     tokenizer = train_bpe(texts, 8192)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from dataprep.packing import SplitPacker, token_dtype, write_index  # noqa: E402
+from dataprep.tokenize.packing import SplitPacker, token_dtype, write_index  # noqa: E402
 
 
 def make_data(directory: Path, vocab: int, seq_len: int, windows: int) -> None:
@@ -68,7 +68,7 @@ def run_plain(args: argparse.Namespace, data: Path) -> dict:
     """The baseline: nn.Module + AdamW + clip, no process group, no wrapping."""
     import torch
 
-    from dataprep.packing import TokenWindows
+    from dataprep.tokenize.packing import TokenWindows
     from workers.model import Transformer
     from workers.model_config import ModelConfig
     from workers.pretrain import BatchPlan, lr_factor

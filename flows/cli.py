@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
-from dataprep.inputs import InputError
+from dataprep.ingest.inputs import InputError
 from flows.config import STAGES, ConfigError, RunConfig, load_config
 
 app = typer.Typer(
@@ -233,9 +233,9 @@ def label_toxicity(
     sentences: Annotated[int, typer.Option(min=10, help="real sentences to label")] = 20_000,
 ) -> None:
     """Distil alt-profanity-check into Jigsaw-layout labels on real sentences (needs the `labels` extra)."""
-    from dataprep.fasttext_models import Blocklist, default_blocklist_path
-    from dataprep.prose import iter_articles
-    from dataprep.training_data import profanity_distilled_examples, sentences_of, write_jigsaw
+    from dataprep.filter.fasttext_models import Blocklist, default_blocklist_path
+    from dataprep.filter.training_data import profanity_distilled_examples, sentences_of, write_jigsaw
+    from dataprep.sample.prose import iter_articles
 
     texts = sentences_of(" ".join(article.paragraphs) for article in iter_articles())[:sentences]
     bad_words = sorted(Blocklist.load(default_blocklist_path()).words)
@@ -251,7 +251,7 @@ def sample(
     pages: Annotated[int, typer.Option(min=0, help="English prose pages to write (0 = all available)")] = 0,
 ) -> None:
     """Build the bundled, deterministic sample crawl (offline) used by the demo."""
-    from dataprep.sample import build_sample
+    from dataprep.sample.build import build_sample
 
     summary = build_sample(out_dir, prose_pages=pages or None)
     kinds = ", ".join(f"{k}={v}" for k, v in summary["kinds"].items())

@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from dataprep.dedup import DedupConfig
-from dataprep.filter_config import FilterConfig
-from dataprep.ingest import IngestConfig
+from dataprep.dedup.documents import DedupConfig
+from dataprep.filter.config import FilterConfig
+from dataprep.ingest.documents import IngestConfig
 from dataprep.stage import ConfigPath, StageConfig
-from dataprep.tokenizer import TokenizeConfig
+from dataprep.tokenize.tokenizer import TokenizeConfig
 from workers.train_config import PretrainConfig
 
 

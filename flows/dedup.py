@@ -6,7 +6,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dataprep.ingest import DATA_DIR, DOCUMENT_SCHEMA
+from dataprep.ingest.documents import DATA_DIR, DOCUMENT_SCHEMA
 from dataprep.shards import publish_table, schema_to_json
 from dataprep.stage import StageDir
 from flows.config import RunConfig

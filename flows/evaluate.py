@@ -25,8 +25,8 @@ import ray
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from dataprep.eval_report import RESULT_SCHEMA, metrics_png, summary_markdown
-from dataprep.eval_tasks import TaskError, load_task
+from dataprep.evaluate.report import RESULT_SCHEMA, metrics_png, summary_markdown
+from dataprep.evaluate.tasks import TaskError, load_task
 from dataprep.shards import atomic_write_json, publish_table
 from dataprep.stage import StageDir, file_digest
 from flows.common import connect_ray

@@ -7,9 +7,9 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact
 
-from dataprep.filtering import REMOVED_DIR, load_resources, merge_shard_stats
-from dataprep.funnel import funnel_markdown, funnel_png
-from dataprep.ingest import DATA_DIR
+from dataprep.filter.chain import REMOVED_DIR, load_resources, merge_shard_stats
+from dataprep.filter.funnel import funnel_markdown, funnel_png
+from dataprep.ingest.documents import DATA_DIR
 from dataprep.stage import StageDir, file_digest
 from flows.config import RunConfig
 from flows.stage import Computed, NotYetKnown, StageInputs, StageResult, StageSpec, stage_flow

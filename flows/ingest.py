@@ -7,8 +7,15 @@ from typing import Any
 import pyarrow.parquet as pq
 from prefect import get_run_logger
 
-from dataprep.ingest import CODE_VERSION, DATA_DIR, DOCUMENT_SCHEMA, QUARANTINE_DIR, QUARANTINE_SCHEMA, IngestUnit
-from dataprep.inputs import InputFile, open_check, resolve_inputs
+from dataprep.ingest.documents import (
+    CODE_VERSION,
+    DATA_DIR,
+    DOCUMENT_SCHEMA,
+    QUARANTINE_DIR,
+    QUARANTINE_SCHEMA,
+    IngestUnit,
+)
+from dataprep.ingest.inputs import InputFile, open_check, resolve_inputs
 from dataprep.shards import schema_to_json
 from dataprep.stage import StageDir, merge_counts
 from flows.common import injected_fault

@@ -21,9 +21,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from dataprep.curves import loss_curve_png, read_metrics
-from dataprep.packing import read_index
+from dataprep.evaluate.curves import loss_curve_png, read_metrics
 from dataprep.stage import StageDir
+from dataprep.tokenize.packing import read_index
 from flows.common import injected_fault
 from flows.config import RunConfig
 from flows.stage import Computed, NotYetKnown, StageInputs, StageResult, StageSpec, stage_flow

@@ -14,10 +14,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import ray
 
-from dataprep.ingest import DATA_DIR
-from dataprep.packing import write_index
+from dataprep.ingest.documents import DATA_DIR
 from dataprep.stage import StageDir, file_digest
-from dataprep.tokenizer import TOKENIZER_FILE, copy_hf_files, load_tokenizer
+from dataprep.tokenize.packing import write_index
+from dataprep.tokenize.tokenizer import TOKENIZER_FILE, copy_hf_files, load_tokenizer
 from flows.config import RunConfig
 from flows.stage import Computed, StageInputs, StageResult, StageSpec, stage_flow
 from workers.tokenize import (

@@ -18,10 +18,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from dataprep.fasttext_models import FastTextClassifier, precision_recall, write_training_file
-from dataprep.filter_config import TrainQualityConfig
+from dataprep.filter.config import TrainQualityConfig
+from dataprep.filter.fasttext_models import FastTextClassifier, precision_recall, write_training_file
+from dataprep.filter.training_data import chunk_words, read_jigsaw, read_texts, split_holdout
 from dataprep.shards import atomic_write_json
-from dataprep.training_data import chunk_words, read_jigsaw, read_texts, split_holdout
 from flows.config import RayConfig
 from workers.filter import train_fasttext
 from workers.ray_runtime import init_ray

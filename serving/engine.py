@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from dataprep.tokenizer import load_tokenizer
+from dataprep.tokenize.tokenizer import load_tokenizer
 from serving.decoder import FusedDecoder
 from serving.kv_cache import BatchKVCache
 from serving.sampling import RequestError, SamplingParams, choose_token, find_stop, make_generator, safe_prefix

@@ -92,7 +92,7 @@ def mid_member_cut(warc_gz: bytes, record: int) -> int:
 
 def html_page(title: str, paragraphs: list[str], charset: str = "utf-8") -> str:
     """A page with navigation, footer and an article, like the sample crawl's."""
-    from dataprep.sample import render_page
+    from dataprep.sample.build import render_page
 
     return render_page(title, paragraphs, ["alpha", "beta"], charset=charset)
 
@@ -117,7 +117,7 @@ def write_corpus_stage(directory: Path, documents: list[tuple[str, str]], shard_
 
 def reference_documents(limit: int = 120) -> list[tuple[str, str]]:
     """Real English prose shipped with CPython (the language reference topics), as (doc_id, text)."""
-    from dataprep.prose import reference_articles
+    from dataprep.sample.prose import reference_articles
 
     articles = []
     for article in reference_articles(set()):

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import ray
 import xxhash
 
-from dataprep.dedup import (
+from dataprep.dedup.documents import (
     METHODS,
     DedupConfig,
     DocInfo,
@@ -36,7 +36,7 @@ from dataprep.dedup import (
     star_edges,
     verify_edges,
 )
-from dataprep.minhash import MinHasher, char_shingles, normalise_text
+from dataprep.dedup.minhash import MinHasher, char_shingles, normalise_text
 from dataprep.shards import publish_table
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, pre_tokenizers
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dataprep.eval_tasks import TaskError, TaskSpec, read_examples, score_choices, score_generation
-from dataprep.packing import TokenWindows
-from dataprep.tokenizer import load_tokenizer
+from dataprep.evaluate.tasks import TaskError, TaskSpec, read_examples, score_choices, score_generation
+from dataprep.tokenize.packing import TokenWindows
+from dataprep.tokenize.tokenizer import load_tokenizer
 from workers.checkpoint import STATE_FILE, load_full_model, read_state
 from workers.model import KVCache, Transformer
 from workers.model_config import ModelConfig

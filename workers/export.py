@@ -15,7 +15,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from dataprep.shards import atomic_write_json
-from dataprep.tokenizer import EOT_TOKEN, load_tokenizer, save_tokenizer
+from dataprep.tokenize.tokenizer import EOT_TOKEN, load_tokenizer, save_tokenizer
 from workers.checkpoint import load_full_model, read_state
 from workers.model import Transformer
 from workers.model_config import ModelConfig

@@ -15,8 +15,8 @@ from typing import Any
 import ray
 from ray.util import ActorPool
 
-from dataprep.fasttext_models import train_supervised
-from dataprep.filtering import Step, filter_shard, load_resources
+from dataprep.filter.chain import Step, filter_shard, load_resources
+from dataprep.filter.fasttext_models import train_supervised
 from dataprep.stage import StageDir
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from dataprep.ingest import IngestConfig, IngestUnit, run_ingest_unit
+from dataprep.ingest.documents import IngestConfig, IngestUnit, run_ingest_unit
 from dataprep.stage import FaultPlan, StageDir
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Ray side of corpus-wide line/paragraph dedup (rules and hashing in `dataprep.line_dedup`).
+"""Ray side of corpus-wide line/paragraph dedup (rules and hashing in `dataprep.dedup.lines`).
 
 Flow of data (only small arrays and stats pass through the driver):
 1. `hash_task` per document shard: the distinct segment hashes of every document as (hash, doc key) pairs,
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from dataprep.line_dedup import (
+from dataprep.dedup.lines import (
     EMPTY_REASON,
     HashCounts,
     LineDedupConfig,

@@ -6,7 +6,7 @@
 - Model: built and initialised on CPU from the seed (identical at any world size), `fully_shard` per block
   and at the root, with `MixedPrecisionPolicy(bf16 params, fp32 reduce)` when `precision` is bf16 (GPU).
   Optional activation checkpointing and `torch.compile` per block.
-- Data: the packed windows of `dataprep.packing`; the global batch of step `s` is a fixed slice of seeded
+- Data: the packed windows of `dataprep.tokenize.packing`; the global batch of step `s` is a fixed slice of seeded
   per-epoch permutations, so the data position is the step itself and any world size sees the same batches.
 - AdamW (weight decay on matrices only), linear warm-up + cosine decay, gradient clipping, accumulation
   (gradient sync only on the last micro-batch).
@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from dataprep.packing import TokenWindows, read_index
 from dataprep.shards import atomic_write_bytes
+from dataprep.tokenize.packing import TokenWindows, read_index
 from workers.checkpoint import check_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
 from workers.model import Transformer
 from workers.model_config import ModelConfig, flops_per_token, parameter_count

@@ -4,7 +4,7 @@
 - `tokenize_shard_task` (one per input shard, retried by Ray) encodes a shard and writes its train and
   held-out streams (`streams/<split>-<shard>.npy`, each document followed by end-of-text) plus a small
   count file; a finished shard is skipped on a rerun.
-- `pack_task` reads the streams in shard order and cuts the fixed windows (`dataprep.packing`).
+- `pack_task` reads the streams in shard order and cuts the fixed windows (`dataprep.tokenize.packing`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from dataprep.packing import SPLITS, SplitPacker, held_out, join_documents, save_npy_atomic, token_dtype, unigram_loss
 from dataprep.shards import atomic_write_json
-from dataprep.tokenizer import load_tokenizer, save_tokenizer, train_bpe
+from dataprep.tokenize.packing import (
+    SPLITS,
+    SplitPacker,
+    held_out,
+    join_documents,
+    save_npy_atomic,
+    token_dtype,
+    unigram_loss,
+)
+from dataprep.tokenize.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 
 STREAMS_DIR = "streams"
 TOKENS_DIR = "tokens"

@@ -1,6 +1,6 @@
 """Charset detection: header, meta, BOM, detection and undecodable bytes."""
 
-from dataprep.charset import charset_from_content_type, decode_html, decode_utf8_text, normalise_charset
+from dataprep.ingest.charset import charset_from_content_type, decode_html, decode_utf8_text, normalise_charset
 
 RUSSIAN = (
     "<html><body><p>Город стоит на берегу широкой реки, "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from datasketch import MinHashLSH
 
-from dataprep.dedup import (
+from dataprep.dedup.documents import (
     band_hashes,
     connected_components,
     lsh_params,
@@ -16,7 +16,7 @@ from dataprep.dedup import (
     star_edges,
     verify_edges,
 )
-from dataprep.minhash import MinHasher, jaccard, word_shingles
+from dataprep.dedup.minhash import MinHasher, jaccard, word_shingles
 
 
 def _text(rng: random.Random, words: int = 300) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dataprep.eval_tasks import (
+from dataprep.evaluate.tasks import (
     TaskError,
     TaskSpec,
     build_prompt,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dataprep.extract import EXTRACTORS, get_extractor
+from dataprep.ingest.extract import EXTRACTORS, get_extractor
 from tests.conftest import html_page
 
 ARTICLE = [

@@ -10,7 +10,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataprep.fasttext_models import (
+from dataprep.filter.chain import (
+    RULE_PARAMS,
+    LanguageParams,
+    Step,
+    filter_shard,
+    load_resources,
+    merge_shard_stats,
+    pareto_keep,
+    run_chain,
+)
+from dataprep.filter.fasttext_models import (
     Blocklist,
     FastTextClassifier,
     ModelError,
@@ -21,20 +31,10 @@ from dataprep.fasttext_models import (
     train_supervised,
     write_training_file,
 )
-from dataprep.filtering import (
-    RULE_PARAMS,
-    LanguageParams,
-    Step,
-    filter_shard,
-    load_resources,
-    merge_shard_stats,
-    pareto_keep,
-    run_chain,
-)
-from dataprep.ingest import IngestConfig, process_record
-from dataprep.readers import open_records
+from dataprep.filter.training_data import chunk_words, read_jigsaw, write_jigsaw
+from dataprep.ingest.documents import IngestConfig, process_record
+from dataprep.ingest.readers import open_records
 from dataprep.stage import StageDir
-from dataprep.training_data import chunk_words, read_jigsaw, write_jigsaw
 
 ENGLISH = ("The committee met on Tuesday to discuss the budget for the coming year. Members agreed that the "
            "library should stay open longer during the winter, and that the park needs new benches. ") * 6

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dataprep.readers import detect_format, open_records
+from dataprep.ingest.readers import detect_format, open_records
 from tests.conftest import make_warc
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dataprep.ingest import DATA_DIR, QUARANTINE_DIR, IngestConfig, IngestUnit, run_ingest_unit
+from dataprep.ingest.documents import DATA_DIR, QUARANTINE_DIR, IngestConfig, IngestUnit, run_ingest_unit
 from dataprep.stage import FaultPlan, InjectedFault, StageDir
 from tests.conftest import html_page, make_warc
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from dataprep.line_dedup import (
+from dataprep.dedup.lines import (
     BloomFilter,
     HashCounts,
     LineDedupConfig,

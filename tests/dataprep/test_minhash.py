@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from dataprep.minhash import (
+from dataprep.dedup.minhash import (
     MinHasher,
     char_shingles,
     jaccard,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dataprep.quality_rules import (
+from dataprep.filter.rules import (
     HEURISTIC_RULES,
     C4Params,
     FineWebParams,

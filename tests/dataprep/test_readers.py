@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from dataprep.readers import detect_format, iter_warc, open_records, parse_timestamp
+from dataprep.ingest.readers import detect_format, iter_warc, open_records, parse_timestamp
 from tests.conftest import make_warc, mid_member_cut
 
 PAGES = [{"url": f"https://site.example/{i}", "body": f"<html><p>page {i}</p></html>".encode()} for i in range(5)]

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from dataprep.sample import build_sample
+from dataprep.sample.build import build_sample
 
 
 def test_sample_is_deterministic_and_complete(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataprep.packing import (
+from dataprep.tokenize.packing import (
     SplitPacker,
     TokenWindows,
     held_out,
@@ -16,7 +16,7 @@ from dataprep.packing import (
     unigram_loss,
     write_index,
 )
-from dataprep.tokenizer import EOT_TOKEN, TokenizerError, load_tokenizer, save_tokenizer, train_bpe
+from dataprep.tokenize.tokenizer import EOT_TOKEN, TokenizerError, load_tokenizer, save_tokenizer, train_bpe
 from tests.conftest import reference_documents
 
 

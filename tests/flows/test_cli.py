@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import flows.pipeline  # noqa: F401  (Prefect sets up its log handlers at import: not inside CliRunner's streams)
 from flows.cli import app
 
 runner = CliRunner()

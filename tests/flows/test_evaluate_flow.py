@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from dataprep.eval_tasks import write_bundled_tasks
+from dataprep.evaluate.tasks import write_bundled_tasks
 from dataprep.stage import StageDir
 from flows.config import RunConfig, parse_config
 from tests.conftest import REPO_ROOT, reference_documents, write_corpus_stage

@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dataprep.fasttext_models import FastTextClassifier, ModelError
-from dataprep.filter_config import TrainQualityConfig
-from dataprep.training_data import write_jigsaw
+from dataprep.filter.config import TrainQualityConfig
+from dataprep.filter.fasttext_models import FastTextClassifier, ModelError
+from dataprep.filter.training_data import write_jigsaw
 from flows.config import RayConfig, parse_config
 from flows.pipeline import pipeline_flow
 from flows.train import train_quality_flow, train_toxicity_flow

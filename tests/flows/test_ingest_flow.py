@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dataprep.inputs import InputError
+from dataprep.ingest.inputs import InputError
 from flows.config import parse_config
 from flows.ingest import ingest_flow
 from tests.conftest import make_warc, mid_member_cut

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from dataprep.curves import read_metrics
+from dataprep.evaluate.curves import read_metrics
 from flows.config import ConfigError, RunConfig, parse_config
 from tests.conftest import REPO_ROOT, reference_documents, write_corpus_stage
 from workers.checkpoint import complete_checkpoints, read_journal

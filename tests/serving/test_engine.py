@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dataprep.tokenizer import EOT_TOKEN, train_bpe
+from dataprep.tokenize.tokenizer import EOT_TOKEN, train_bpe
 from serving.decoder import FusedDecoder, attention, linear
 from serving.engine import Engine
 from serving.kv_cache import BatchKVCache

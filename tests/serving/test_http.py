@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from dataprep.tokenizer import save_tokenizer, train_bpe
+from dataprep.tokenize.tokenizer import save_tokenizer, train_bpe
 from workers.checkpoint import save_checkpoint
 from workers.export import export_hf
 from workers.model import Transformer

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataprep.dedup import DedupConfig
-from dataprep.ingest import DOCUMENT_SCHEMA
+from dataprep.dedup.documents import DedupConfig
+from dataprep.ingest.documents import DOCUMENT_SCHEMA
 from workers.dedup import run_dedup
 
 pytestmark = pytest.mark.integration

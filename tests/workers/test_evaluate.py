@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataprep.packing import SplitPacker, TokenWindows, write_index
-from dataprep.tokenizer import load_tokenizer, save_tokenizer, train_bpe
+from dataprep.tokenize.packing import SplitPacker, TokenWindows, write_index
+from dataprep.tokenize.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 from workers.evaluate import continuation_logprob, greedy_generate, perplexity, token_byte_lengths
 from workers.model import Transformer
 from workers.model_config import ModelConfig

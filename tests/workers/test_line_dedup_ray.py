@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from dataprep.ingest import DOCUMENT_SCHEMA
-from dataprep.line_dedup import EMPTY_REASON, LineDedupConfig, ccnet_reference, doc_order, line_dedup_local
-from dataprep.line_dedup import normalize_line as norm
+from dataprep.dedup.lines import EMPTY_REASON, LineDedupConfig, ccnet_reference, doc_order, line_dedup_local
+from dataprep.dedup.lines import normalize_line as norm
+from dataprep.ingest.documents import DOCUMENT_SCHEMA
 from workers.line_dedup import LineCountActor, run_line_dedup
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataprep.tokenizer import save_tokenizer, train_bpe
+from dataprep.tokenize.tokenizer import save_tokenizer, train_bpe
 from workers.checkpoint import (
     CheckpointMismatch,
     check_compatible,

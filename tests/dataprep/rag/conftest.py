@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from dataprep.rag.chunking import load_tokenizer, token_counter
 from dataprep.rag.embedding import DEFAULT_MODEL
 
-SAMPLE_TEXT_DIR = Path(__file__).resolve().parents[3] / "dataprep" / "sample_text"
+SAMPLE_TEXT_DIR = Path(__file__).resolve().parents[3] / "dataprep" / "sample" / "sample_text"
 
 
 def sample_texts() -> dict[str, str]:

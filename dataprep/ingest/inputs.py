@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.core import url_to_fs
 
-from dataprep.readers import detect_format
+from dataprep.ingest.readers import detect_format
 
 _GLOB_CHARS = "*?["
 

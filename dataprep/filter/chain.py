@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import xxhash
 from pydantic import Field
 
-from dataprep.fasttext_models import (
+from dataprep.filter.fasttext_models import (
     Blocklist,
     FastTextClassifier,
     ModelError,
@@ -29,8 +29,8 @@ from dataprep.fasttext_models import (
     default_langid_path,
     default_toxicity_path,
 )
-from dataprep.ingest import DATA_DIR
-from dataprep.quality_rules import HEURISTIC_RULES, RuleOutcome, RuleParams
+from dataprep.filter.rules import HEURISTIC_RULES, RuleOutcome, RuleParams
+from dataprep.ingest.documents import DATA_DIR
 from dataprep.shards import publish_table
 from dataprep.stage import ConfigLocation, StageDir
 

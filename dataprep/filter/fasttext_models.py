@@ -110,9 +110,9 @@ def write_training_file(path: Path, examples: Sequence[tuple[str, str]]) -> None
 
 
 def train_supervised(train_file: Path, output: Path, quantize: bool, **options: Any) -> None:
-    """Train and save in a separate minimal Python process (see `dataprep.fasttext_train` for why)."""
+    """Train and save in a separate minimal Python process (see `dataprep.filter.fasttext_train` for why)."""
     request = {"train_file": str(train_file), "output": str(output), "quantize": quantize, "options": options}
-    completed = subprocess.run([sys.executable, "-m", "dataprep.fasttext_train", json.dumps(request)],
+    completed = subprocess.run([sys.executable, "-m", "dataprep.filter.fasttext_train", json.dumps(request)],
                                capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if completed.returncode != 0:
         raise RuntimeError(f"fastText training failed: {completed.stderr.strip().splitlines()[-1:]}")

@@ -1,10 +1,11 @@
-"""Train one supervised fastText model in a process that imports nothing else: `python -m dataprep.fasttext_train`.
+"""Train one supervised fastText model in a process that imports nothing else:
+`python -m dataprep.filter.fasttext_train`.
 
 fastText's trainer (fasttext-numpy2-wheel) reports "Encountered NaN" when the process has imported certain
-other native libraries first (measured here: after importing `dataprep.filtering`, every run fails; in a bare
+other native libraries first (measured here: after importing `dataprep.filter.chain`, every run fails; in a bare
 process the same data and options train). So training always runs in its own minimal interpreter.
 
-    python -m dataprep.fasttext_train '{"train_file": ..., "output": ..., "quantize": false, "options": {...}}'
+    python -m dataprep.filter.fasttext_train '{"train_file": ..., "output": ..., "quantize": false, "options": {...}}'
 """
 
 from __future__ import annotations

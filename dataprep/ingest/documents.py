@@ -17,9 +17,9 @@ import pyarrow as pa
 import xxhash
 from pydantic import Field
 
-from dataprep.charset import decode_html, decode_utf8_text
-from dataprep.extract import ExtractorName, get_extractor
-from dataprep.readers import FieldMap, RawRecord, open_records
+from dataprep.ingest.charset import decode_html, decode_utf8_text
+from dataprep.ingest.extract import ExtractorName, get_extractor
+from dataprep.ingest.readers import FieldMap, RawRecord, open_records
 from dataprep.shards import publish_table, read_shard_meta
 from dataprep.stage import ConfigLocation, FaultPlan, StageConfig, StageDir, merge_counts, shard_name
 

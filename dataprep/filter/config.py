@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from dataprep.filtering import RULE_PARAMS, Step
+from dataprep.filter.chain import RULE_PARAMS, Step
 from dataprep.stage import ConfigLocation, ConfigPath, StageConfig
 
 RuleName = Literal["language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "blocklist", "toxicity",

@@ -16,7 +16,7 @@ import numpy as np
 from datasketch.lsh import _optimal_param
 from pydantic import Field, model_validator
 
-from dataprep.minhash import char_shingles, fmix32, jaccard, normalise_text, word_shingles
+from dataprep.dedup.minhash import char_shingles, fmix32, jaccard, normalise_text, word_shingles
 from dataprep.stage import StageConfig
 
 _BAND_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)

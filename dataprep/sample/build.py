@@ -1,7 +1,7 @@
 """The bundled sample crawl: a deterministic WARC set built offline that exercises every stage.
 
 What it holds (counts in `SAMPLE.json`): English prose pages with navigation boilerplate (prose from
-`dataprep.prose`), exact copies (mirrors and re-captures), near-duplicates (about 2 % of words changed),
+`dataprep.sample.prose`), exact copies (mirrors and re-captures), near-duplicates (about 2 % of words changed),
 navigation-only and very short pages, German/French/Spanish/Russian (cp1251)/Chinese (GBK) pages, pages with
 spam and offensive lines, non-HTML payloads, 404/301 responses, an undecodable page and an empty one; plus
 a JSONL file with one malformed line. `truth.jsonl` holds the main text of each prose page, for measuring
@@ -28,8 +28,8 @@ from typing import Any
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from dataprep.eval_tasks import write_bundled_tasks
-from dataprep.prose import Article, iter_articles, reference_articles, source_versions
+from dataprep.evaluate.tasks import write_bundled_tasks
+from dataprep.sample.prose import Article, iter_articles, reference_articles, source_versions
 from dataprep.shards import atomic_write_bytes
 
 SEED = 20261122
@@ -114,7 +114,7 @@ def _chunk_articles(articles: Iterable[Article], limit: int | None) -> list[tupl
 
 
 def _sample_lines(name: str) -> list[str]:
-    text = resources.files("dataprep").joinpath("sample_text", f"{name}.txt").read_text("utf-8")
+    text = resources.files("dataprep.sample").joinpath("sample_text", f"{name}.txt").read_text("utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -1,0 +1,1 @@
+"""Dedup logic: MinHash signatures, LSH, document clusters, line and paragraph dedup."""

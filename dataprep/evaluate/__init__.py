@@ -1,0 +1,1 @@
+"""Evaluation logic: task files, result tables and plots, loss curves."""

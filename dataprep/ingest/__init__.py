@@ -1,0 +1,1 @@
+"""Ingest logic: input resolution, readers (WARC/WET/JSONL/Parquet), charset, extraction, documents."""

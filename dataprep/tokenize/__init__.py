@@ -1,0 +1,1 @@
+"""Tokenize logic: byte-level BPE and packing of token windows."""
