@@ -30,11 +30,11 @@ def deploy_flow(config: RunConfig, model_path: str, port: int = 8000, check: boo
     """Deploy `serving.app:app_builder` for `model_path`; optionally call it once."""
     from ray import serve
 
-    from serving.app import app_builder
+    from serving.app import ServeArgs, app_builder
 
     get_run_logger().info("Ray: %s", connect_ray(config))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder({"model": str(Path(model_path).resolve()), "name": config.name}), name="forgeline",
+    serve.run(app_builder(ServeArgs(model=str(Path(model_path).resolve()), name=config.name)), name="forgeline",
               route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     curl, payload = example_curl(base, config.name)

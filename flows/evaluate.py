@@ -184,7 +184,7 @@ class EvaluateStage(StageSpec):
         tasks, load_errors = load_tasks(config)
         return {**manifest["stats"], **refresh_outputs(config, stage, load_errors)}
 
-    def report(self, manifest: dict[str, Any]) -> None:
+    def report(self, manifest: dict[str, Any], skipped: bool = False) -> None:
         return None  # refresh_outputs attached the results table
 
     def summary(self, result: StageResult) -> list[str]:

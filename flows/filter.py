@@ -71,13 +71,8 @@ class FilterStage(StageSpec):
     def resources(self, config: RunConfig) -> dict[str, Any]:
         return {"actors": f"{config.filter.num_actors} filter actors (1 CPU each, models loaded once per actor)"}
 
-    def on_skip(self, config: RunConfig, stage: StageDir, manifest: dict[str, Any]) -> dict[str, Any]:
-        publish_funnel(manifest, skipped=True)
-        stats: dict[str, Any] = manifest["stats"]
-        return stats
-
-    def report(self, manifest: dict[str, Any]) -> None:
-        publish_funnel(manifest)
+    def report(self, manifest: dict[str, Any], skipped: bool = False) -> None:
+        publish_funnel(manifest, skipped)
 
     def summary(self, result: StageResult) -> list[str]:
         lines = [f"funnel ({result['path']}/{FUNNEL_PNG}; removed documents in {REMOVED_DIR}/<step>/):"]

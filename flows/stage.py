@@ -118,14 +118,14 @@ class StageSpec(ABC):
         return {}
 
     def on_skip(self, config: RunConfig, stage: StageDir, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Stats to return for a stage that was already complete (default: the manifest's)."""
-        publish_artifact(manifest, skipped=True)
+        """Stats to return for a stage that was already complete (default: the manifest's, report re-attached)."""
+        self.report(manifest, skipped=True)
         stats: dict[str, Any] = manifest["stats"]
         return stats
 
-    def report(self, manifest: dict[str, Any]) -> None:
+    def report(self, manifest: dict[str, Any], skipped: bool = False) -> None:
         """Attach the stage's report to the flow run."""
-        publish_artifact(manifest)
+        publish_artifact(manifest, skipped)
 
     def summary(self, result: StageResult) -> list[str]:
         """Extra console lines for the CLI report."""

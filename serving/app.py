@@ -1,9 +1,12 @@
-"""The Ray Serve application: an HTTP ingress (FastAPI, OpenAI-compatible) and an engine deployment.
+"""The Ray Serve application: an OpenAI-compatible HTTP ingress and an engine deployment.
 
-`EngineServer` holds one `serving.engine.Engine` per replica (its scheduler thread batches concurrent requests);
-`APIIngress` validates requests and calls it through a deployment handle (streaming through a streaming
-handle). `app_builder({"model": PATH, ...})` is the entry point for `serve run`/`serve deploy`
-(`infra/serve.yaml`) and `forgeline serve`.
+`EngineServer` holds one `serving.engine.Engine` per replica (its scheduler thread batches concurrent requests).
+`OpenAIIngress` is a class-based `@serve.ingress` deployment: it validates requests, tokenizes with the engine's
+tokenizer itself and calls the engine through the deployment handle it was constructed with (streaming through a
+streaming handle); its FastAPI app is built per replica from its own state (`__serve_build_asgi_app__`), so the
+API key, the metrics and the handle are the instance's, not module globals. `app_builder(ServeArgs)` is the
+entry point for `serve run` / `serve deploy` (`infra/serve.yaml`) and `forgeline serve`; Serve validates the
+typed arguments before anything starts.
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (SSE streaming ending
 with `data: [DONE]`), POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /metrics (Prometheus),
@@ -13,21 +16,22 @@ the request timeout, 500 for an internal error (the replica keeps serving). A ca
 disconnected or timed out) aborts its engine request, freeing the batch row.
 """
 
-from __future__ import annotations
-
 import asyncio
+import hmac
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from tokenizers import Tokenizer
 
@@ -47,12 +51,30 @@ from serving.openai_api import (
 from serving.sampling import RequestError, SamplingParams
 
 API_KEY_ENV = "FORGELINE_API_KEY"
+Prompt = str | list[int]
+Job = tuple[Prompt, SamplingParams]
 
 
-_ENGINE_HANDLES: dict[str, Any] = {}
+class ServeArgs(BaseModel):
+    """The application's arguments (`infra/serve.yaml` `args:`, `forgeline serve`); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="a pretrain stage, an HF export or a DCP checkpoint")
+    name: str = Field("forgeline", min_length=1, description="the model id clients send")
+    max_batch: int = Field(16, ge=1, description="sequences decoded together per engine replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="per engine replica")
+    max_replicas: int = Field(1, ge=1, description="autoscaling 1..max_replicas on ongoing requests")
+    engine_cpus: float = Field(1.0, gt=0)
+    engine_gpus: float = Field(0.0, ge=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    request_timeout_s: float = Field(60.0, gt=0, description="a request past this answers 408")
+    access_log: bool = True
+    log_level: str = "INFO"
+    api_key: str | None = Field(None, description=f"default: ${API_KEY_ENV}; none = no authentication")
 
 
-def _settle(future: asyncio.Future[Any], kind: str, payload: Any) -> None:
+def _settle(future: "asyncio.Future[Any]", kind: str, payload: Any) -> None:
     """Resolve a request's future on the event loop (once: a late event after an abort is ignored)."""
     if future.done():
         return
@@ -62,16 +84,8 @@ def _settle(future: asyncio.Future[Any], kind: str, payload: Any) -> None:
         future.set_exception(payload)
 
 
-def register_engine(name: str, handle: Any) -> None:
-    """Called by the ingress replica; module-level (pickled by reference) so the routes find the same dict."""
-    _ENGINE_HANDLES[name] = handle
-
-
-def registered_engine(name: str) -> Any:
-    return _ENGINE_HANDLES[name]
-
-
 def result_dict(engine: Engine, request: EngineRequest) -> dict[str, Any]:
+    """A finished engine request as plain data (it crosses the Ray boundary to the ingress)."""
     def entry(item: Any) -> dict[str, Any]:
         return {"token_id": item.token_id, "token": item.token, "logprob": item.logprob, "top": item.top}
 
@@ -106,17 +120,11 @@ class EngineServer:
         """Counters since the replica started: requests, prompt/generated tokens, steps, seconds busy in steps."""
         return {**self.engine.stats, "running": len(self.engine.running), "waiting": self.engine.waiting.qsize()}
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.engine.encode(text)
-
-    def detokenize(self, ids: list[int]) -> str:
-        return self.engine.decode(ids)
-
-    def _submit(self, prompt: str | list[int], params: dict[str, Any], on_event: Any) -> EngineRequest:
+    def _submit(self, prompt: Prompt, params: dict[str, Any], on_event: Any) -> EngineRequest:
         ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return self.engine.submit(ids, SamplingParams(**params), on_event)
 
-    async def generate(self, prompt: str | list[int], params: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, prompt: Prompt, params: dict[str, Any]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
 
@@ -130,7 +138,7 @@ class EngineServer:
         finally:  # cancelled by Serve (the caller disconnected or timed out) before the end: free the row
             self.engine.abort(request)
 
-    async def stream(self, prompt: str | list[int], params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, prompt: Prompt, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         request = self._submit(prompt, params, lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait,
@@ -158,48 +166,78 @@ def api_error(status: int, message: str, param: str | None = None, kind: str = "
     return JSONResponse(error_body(message, param, kind), status_code=status)
 
 
-def build_fastapi(model_name: str, api_key: str | None, timeout_s: float) -> FastAPI:
-    """The HTTP API over the engine deployment's handle, which the ingress replica registers at start."""
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
 
-    def engine() -> Any:
-        return registered_engine(model_name)
 
-    app = FastAPI(title="forgeline", description="OpenAI-compatible completions over a forgeline model")
-    registry = CollectorRegistry()
-    requests_total = Counter("forgeline_requests_total", "HTTP requests", ["endpoint", "status"], registry=registry)
-    tokens_total = Counter("forgeline_generated_tokens_total", "generated tokens", registry=registry)
-    latency = Histogram("forgeline_request_seconds", "request latency", ["endpoint"], registry=registry)
-    info_cache: dict[str, Any] = {}
+@dataclass(frozen=True)
+class StreamFormat:
+    """How one kind of endpoint renders its server-sent events (the rest of streaming is shared)."""
 
-    async def info() -> dict[str, Any]:
-        if not info_cache:
-            details = await engine().info.remote()
-            info_cache.update(details, tokenizer=Tokenizer.from_str(details["tokenizer_json"]))
-        return info_cache
+    prefix: str
+    object_name: str
+    chunk: Callable[[int, dict[str, Any], bool], dict[str, Any]]  # (choice index, event, first of its choice)
+    usage: bool
 
-    async def encode(text: str) -> list[int]:
-        """Tokenized here, with the engine's own tokenizer: no round trip to the busy engine replica."""
-        return (await info())["tokenizer"].encode(text, add_special_tokens=False).ids
 
-    async def decode(ids: list[int]) -> str:
-        return (await info())["tokenizer"].decode(ids, skip_special_tokens=False)
+def completion_chunk(index: int, event: dict[str, Any], first: bool) -> dict[str, Any]:
+    finish = event["done"]["finish_reason"] if "done" in event else None
+    return {"index": index, "text": event.get("delta", ""), "logprobs": None, "finish_reason": finish}
 
-    @app.middleware("http")
-    async def auth_and_metrics(request: Request, call_next: Any) -> Any:
-        started = time.time()
-        path = request.url.path
+
+def chat_chunk(index: int, event: dict[str, Any], first: bool) -> dict[str, Any]:
+    delta: dict[str, Any] = {"role": "assistant"} if first else {}
+    if event.get("delta"):
+        delta["content"] = event["delta"]
+    return {"index": index, "delta": delta, "finish_reason": event["done"]["finish_reason"] if "done" in event
+            else None}
+
+
+@serve.ingress()
+class OpenAIIngress:
+    """The HTTP API over the engine deployment: OpenAI-compatible routes, auth, metrics."""
+
+    def __init__(self, engine: Any, args: ServeArgs) -> None:
+        self.engine, self.args = engine, args
+        self.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+        self.registry = CollectorRegistry()
+        self.requests_total = Counter("forgeline_requests_total", "HTTP requests", ["endpoint", "status"],
+                                      registry=self.registry)
+        self.tokens_total = Counter("forgeline_generated_tokens_total", "generated tokens", registry=self.registry)
+        self.latency = Histogram("forgeline_request_seconds", "request latency", ["endpoint"], registry=self.registry)
+        self._info: dict[str, Any] = {}
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        app = FastAPI(title="forgeline", description="OpenAI-compatible completions over a forgeline model")
+        app.middleware("http")(self.guard)
+        app.add_exception_handler(RequestValidationError, self.invalid)  # type: ignore[arg-type]
+        routes: list[tuple[str, str, Callable[..., Awaitable[Any]]]] = [
+            ("GET", "/health", self.health), ("GET", "/v1/models", self.models),
+            ("GET", "/tokenizer_info", self.tokenizer_info), ("POST", "/tokenize", self.tokenize),
+            ("POST", "/detokenize", self.detokenize), ("GET", "/engine_stats", self.engine_stats),
+            ("GET", "/metrics", self.metrics), ("POST", "/v1/completions", self.completions),
+            ("POST", "/v1/chat/completions", self.chat)]
+        for method, path, endpoint in routes:
+            app.add_api_route(path, endpoint, methods=[method])
+        return app
+
+    # ---- plumbing shared by every route
+    async def guard(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """API key on /v1/ and tokenizer routes (compared in constant time); request count and latency."""
+        started, path = time.time(), request.url.path
         protected = "/v1/" in path or path.endswith(("/tokenize", "/detokenize"))
-        if api_key and protected and request.headers.get("authorization") != f"Bearer {api_key}":
-            response = api_error(401, "missing or invalid API key (Authorization: Bearer ...)", None,
-                                 "authentication_error")
+        offered = request.headers.get("authorization", "")
+        if self.api_key and protected and not hmac.compare_digest(offered.encode(),
+                                                                  f"Bearer {self.api_key}".encode()):
+            response: Response = api_error(401, "missing or invalid API key (Authorization: Bearer ...)", None,
+                                           "authentication_error")
         else:
             response = await call_next(request)
-        requests_total.labels(request.url.path, str(response.status_code)).inc()
-        latency.labels(request.url.path).observe(time.time() - started)
+        self.requests_total.labels(path, str(response.status_code)).inc()
+        self.latency.labels(path).observe(time.time() - started)
         return response
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def invalid(self, _: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
         location = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
@@ -207,217 +245,212 @@ def build_fastapi(model_name: str, api_key: str | None, timeout_s: float) -> Fas
         param = ".".join(location) or None
         return api_error(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
 
-    def check_model(name: str) -> JSONResponse | None:
-        if name != model_name:
-            return api_error(400, f"model {name!r} does not exist; this server serves {model_name!r}", "model",
-                             "invalid_request_error")
+    async def info(self) -> dict[str, Any]:
+        """The engine's model facts and tokenizer, fetched once per ingress replica."""
+        if not self._info:
+            details = await self.engine.info.remote()
+            self._info.update(details, tokenizer=Tokenizer.from_str(details["tokenizer_json"]))
+        return self._info
+
+    async def encode(self, text: str) -> list[int]:
+        """Tokenized here, with the engine's own tokenizer: no round trip to the busy engine replica."""
+        ids: list[int] = (await self.info())["tokenizer"].encode(text, add_special_tokens=False).ids
+        return ids
+
+    async def decode(self, ids: list[int]) -> str:
+        text: str = (await self.info())["tokenizer"].decode(ids, skip_special_tokens=False)
+        return text
+
+    def unknown_model(self, name: str) -> JSONResponse | None:
+        if name != self.args.name:
+            return api_error(400, f"model {name!r} does not exist; this server serves {self.args.name!r}", "model")
         return None
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        details = await info()
-        return {"status": "ok", "dtype": details["dtype"], "torch_threads": details["torch_threads"]}
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        details = await info()
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                             "owned_by": "forgeline", "max_model_len": details["max_model_len"]}]}
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info() -> dict[str, Any]:
-        details = await info()
-        return {"tokenizer_class": details["tokenizer_class"], "model_max_length": details["max_model_len"],
-                "vocab_size": details["vocab_size"], "eos_token": details["eos_token"],
-                "bos_token": details["eos_token"], "eos_token_id": details["eos_token_id"]}
-
-    @app.post("/tokenize")
-    async def tokenize(body: dict[str, Any]) -> Any:
-        text = body.get("prompt", body.get("text"))
-        if not isinstance(text, str):
-            return api_error(400, "send {'prompt': '<text>'}", "prompt")
-        ids = await encode(text)
-        return {"tokens": ids, "count": len(ids), "max_model_len": (await info())["max_model_len"]}
-
-    @app.post("/detokenize")
-    async def detokenize(body: dict[str, Any]) -> Any:
-        ids = body.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            return api_error(400, "send {'tokens': [ids]}", "tokens")
-        return {"prompt": await decode(ids)}
-
-    @app.get("/engine_stats")
-    async def engine_stats() -> dict[str, Any]:
-        """One engine replica's counters (steps, busy seconds, tokens, running/waiting sequences)."""
-        return await engine().stats.remote()
-
-    @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
-
-    async def run_one(prompt: str | list[int], params: SamplingParams) -> dict[str, Any]:
-        payload = {k: v for k, v in params.__dict__.items() if k != "extra"}
-        return await asyncio.wait_for(engine().generate.remote(prompt, payload), timeout=timeout_s)
-
-    def failure(error: Exception) -> JSONResponse:
+    def failure(self, error: Exception) -> JSONResponse:
         if isinstance(error, RequestError):
             return api_error(400, str(error), error.param)
         if isinstance(error, asyncio.TimeoutError | TimeoutError):
-            return api_error(408, f"request exceeded the {timeout_s:.0f} s timeout", None, "timeout")
+            return api_error(408, f"request exceeded the {self.args.request_timeout_s:.0f} s timeout", None,
+                             "timeout")
         cause = getattr(error, "cause", None)
         if isinstance(cause, RequestError):
             return api_error(400, str(cause), cause.param)
         return api_error(500, f"internal error: {type(error).__name__}: {error}", None, "server_error")
 
-    def validate(prompt: str | list[int], params: SamplingParams, context: int, vocab: int) -> None:
-        count = len(prompt) if isinstance(prompt, list) else 0
-        if isinstance(prompt, list) and any(not 0 <= t < vocab for t in prompt):
-            raise RequestError("prompt", f"token ids must be in [0, {vocab})")
-        if count:
-            params.validate(count, context)
+    async def validate(self, jobs: list[Job]) -> None:
+        """Token ids in the vocabulary; prompt + max_tokens within the context (RequestError names the field)."""
+        details = await self.info()
+        for prompt, params in jobs:
+            if isinstance(prompt, list):
+                if any(not 0 <= t < details["vocab_size"] for t in prompt):
+                    raise RequestError("prompt", f"token ids must be in [0, {details['vocab_size']})")
+                if prompt:
+                    params.validate(len(prompt), details["max_model_len"])
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
-        if (bad := check_model(body.model)) is not None:
-            return bad
-        details = await info()
-        prompts = prompts_of(body.prompt)
-        prompt_ids = [p if isinstance(p, list) else await encode(p) for p in prompts]
-        jobs = [(ids, completion_params(body, i)) for ids in prompt_ids for i in range(body.n)]
-        try:
-            for ids, params in jobs:
-                validate(ids, params, details["max_model_len"], details["vocab_size"])
-            if body.stream:
-                return StreamingResponse(stream_completions(body, jobs), media_type="text/event-stream")
-            results = await asyncio.gather(*(run_one(p, params) for p, params in jobs))
-        except Exception as error:
-            return failure(error)
-        choices = []
-        for index, result in enumerate(results):
-            prefix, prompt = "", prompts[index // body.n]
-            if body.echo:
-                prefix = prompt if isinstance(prompt, str) else await decode(prompt)
-            choice: dict[str, Any] = {"index": index, "text": prefix + result["text"],
-                                      "finish_reason": result["finish_reason"], "logprobs": None}
-            if body.logprobs is not None:
-                choice["logprobs"] = completion_logprobs(result)
-            choices.append(choice)
-        prompt_tokens = sum(r["prompt_tokens"] for r in results[:: body.n])
-        completion_tokens = sum(r["completion_tokens"] for r in results)
-        tokens_total.inc(completion_tokens)
-        return response_body("completion", model_name, choices, prompt_tokens, completion_tokens)
+    async def run_jobs(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        """Every job through the engine concurrently (each bounded by the request timeout)."""
+        def payload(params: SamplingParams) -> dict[str, Any]:
+            return {k: v for k, v in params.__dict__.items() if k != "extra"}
 
-    async def merged(jobs: list[tuple[str | list[int], SamplingParams]]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-        """Events of several streams as they come, tagged with the choice index."""
+        timeout = self.args.request_timeout_s
+        results = await asyncio.gather(*(asyncio.wait_for(self.engine.generate.remote(prompt, payload(params)),
+                                                          timeout=timeout) for prompt, params in jobs))
+        self.tokens_total.inc(sum(r["completion_tokens"] for r in results))
+        return list(results)
+
+    async def events(self, jobs: list[Job]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """Events of every job's stream as they come, tagged with the choice index."""
         queue: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
 
-        async def pump(index: int, prompt: str | list[int], params: SamplingParams) -> None:
+        async def pump(index: int, prompt: Prompt, params: SamplingParams) -> None:
             payload = {k: v for k, v in params.__dict__.items() if k != "extra"}
-            async for event in engine().options(stream=True).stream.remote(prompt, payload):
+            async for event in self.engine.options(stream=True).stream.remote(prompt, payload):
                 await queue.put((index, event))
             await queue.put((index, None))
 
         tasks = [asyncio.create_task(pump(i, p, params)) for i, (p, params) in enumerate(jobs)]
         open_streams = len(tasks)
         while open_streams:
-            index, event = await asyncio.wait_for(queue.get(), timeout=timeout_s)
+            index, event = await asyncio.wait_for(queue.get(), timeout=self.args.request_timeout_s)
             if event is None:
                 open_streams -= 1
                 continue
             yield index, event
 
-    def sse(payload: dict[str, Any]) -> str:
-        return f"data: {json.dumps(payload)}\n\n"
-
-    async def stream_completions(body: CompletionRequest, jobs: list[Any]) -> AsyncIterator[str]:
-        ident, created = f"cmpl-{time.time_ns()}", int(time.time())
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    async def stream(self, jobs: list[Job], form: StreamFormat) -> AsyncIterator[str]:
+        """Server-sent events for completions and chat alike: a chunk per event, usage, `[DONE]`."""
+        ident, created, name = f"{form.prefix}-{time.time_ns()}", int(time.time()), self.args.name
+        usage, started = {"prompt_tokens": 0, "completion_tokens": 0}, set()
         try:
-            async for index, event in merged(jobs):
-                choice: dict[str, Any] = {"index": index, "text": event.get("delta", ""), "logprobs": None,
-                                          "finish_reason": None}
+            async for index, event in self.events(jobs):
                 if "done" in event:
-                    choice["finish_reason"] = event["done"]["finish_reason"]
                     usage["prompt_tokens"] += event["done"]["prompt_tokens"]
                     usage["completion_tokens"] += event["done"]["completion_tokens"]
-                yield sse({"id": ident, "object": "text_completion", "created": created, "model": model_name,
-                           "choices": [choice]})
-        except Exception as error:
-            yield sse(error_body(str(error), getattr(error, "param", None)))
-        tokens_total.inc(usage["completion_tokens"])
-        yield sse({"id": ident, "object": "text_completion", "created": created, "model": model_name,
-                   "choices": [], "usage": {**usage, "total_tokens": sum(usage.values())}})
-        yield "data: [DONE]\n\n"
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest) -> Any:
-        if (bad := check_model(body.model)) is not None:
-            return bad
-        details = await info()
-        prompt_ids = await encode(render_chat(body.messages))
-        jobs = [(prompt_ids, chat_params(body, i, details["max_model_len"], len(prompt_ids))) for i in range(body.n)]
-        try:
-            for prompt, params in jobs:
-                validate(prompt, params, details["max_model_len"], details["vocab_size"])
-            if body.stream:
-                return StreamingResponse(stream_chat(jobs), media_type="text/event-stream")
-            results = await asyncio.gather(*(run_one(p, params) for p, params in jobs))
-        except Exception as error:
-            return failure(error)
-        choices = []
-        for index, result in enumerate(results):
-            choice: dict[str, Any] = {"index": index, "finish_reason": result["finish_reason"], "logprobs": None,
-                                      "message": {"role": "assistant", "content": result["text"]}}
-            if body.logprobs:
-                choice["logprobs"] = {"content": [
-                    {"token": e["token"], "logprob": e["logprob"],
-                     "top_logprobs": [{"token": t, "logprob": lp} for _, t, lp in e["top"]]}
-                    for e in result["logprobs"]]}
-            choices.append(choice)
-        completion_tokens = sum(r["completion_tokens"] for r in results)
-        tokens_total.inc(completion_tokens)
-        return response_body("chat", model_name, choices, len(prompt_ids), completion_tokens)
-
-    async def stream_chat(jobs: list[Any]) -> AsyncIterator[str]:
-        ident, created = f"chatcmpl-{time.time_ns()}", int(time.time())
-        started: set[int] = set()
-        try:
-            async for index, event in merged(jobs):
-                delta: dict[str, Any] = {} if index in started else {"role": "assistant"}
+                yield sse({"id": ident, "object": form.object_name, "created": created, "model": name,
+                           "choices": [form.chunk(index, event, index not in started)]})
                 started.add(index)
-                if event.get("delta"):
-                    delta["content"] = event["delta"]
-                finish = event["done"]["finish_reason"] if "done" in event else None
-                yield sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                           "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
         except Exception as error:
             yield sse(error_body(str(error), getattr(error, "param", None)))
+        self.tokens_total.inc(usage["completion_tokens"])
+        if form.usage:
+            yield sse({"id": ident, "object": form.object_name, "created": created, "model": name, "choices": [],
+                       "usage": {**usage, "total_tokens": sum(usage.values())}})
         yield "data: [DONE]\n\n"
 
-    return app
+    async def respond(self, jobs: list[Job], form: StreamFormat, streaming: bool,
+                      render: Callable[[list[dict[str, Any]]], Awaitable[dict[str, Any]]]) -> Any:
+        """The one path of completions and chat: validate, then stream or run and render the body."""
+        try:
+            await self.validate(jobs)
+            if streaming:
+                return StreamingResponse(self.stream(jobs, form), media_type="text/event-stream")
+            return await render(await self.run_jobs(jobs))
+        except Exception as error:
+            return self.failure(error)
+
+    # ---- routes
+    async def health(self) -> dict[str, Any]:
+        details = await self.info()
+        return {"status": "ok", "dtype": details["dtype"], "torch_threads": details["torch_threads"]}
+
+    async def models(self) -> dict[str, Any]:
+        details = await self.info()
+        return {"object": "list", "data": [{"id": self.args.name, "object": "model", "created": 0,
+                                             "owned_by": "forgeline", "max_model_len": details["max_model_len"]}]}
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        details = await self.info()
+        return {"tokenizer_class": details["tokenizer_class"], "model_max_length": details["max_model_len"],
+                "vocab_size": details["vocab_size"], "eos_token": details["eos_token"],
+                "bos_token": details["eos_token"], "eos_token_id": details["eos_token_id"]}
+
+    async def tokenize(self, body: dict[str, Any]) -> Any:
+        text = body.get("prompt", body.get("text"))
+        if not isinstance(text, str):
+            return api_error(400, "send {'prompt': '<text>'}", "prompt")
+        ids = await self.encode(text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": (await self.info())["max_model_len"]}
+
+    async def detokenize(self, body: dict[str, Any]) -> Any:
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            return api_error(400, "send {'tokens': [ids]}", "tokens")
+        return {"prompt": await self.decode(ids)}
+
+    async def engine_stats(self) -> dict[str, Any]:
+        """One engine replica's counters (steps, busy seconds, tokens, running/waiting sequences)."""
+        stats: dict[str, Any] = await self.engine.stats.remote()
+        return stats
+
+    async def metrics(self) -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(self.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    async def completions(self, body: CompletionRequest) -> Any:
+        if (bad := self.unknown_model(body.model)) is not None:
+            return bad
+        prompts = prompts_of(body.prompt)
+        prompt_ids = [p if isinstance(p, list) else await self.encode(p) for p in prompts]
+        jobs: list[Job] = [(ids, completion_params(body, i)) for ids in prompt_ids for i in range(body.n)]
+
+        async def render(results: list[dict[str, Any]]) -> dict[str, Any]:
+            choices = []
+            for index, result in enumerate(results):
+                prefix, prompt = "", prompts[index // body.n]
+                if body.echo:
+                    prefix = prompt if isinstance(prompt, str) else await self.decode(prompt)
+                choice: dict[str, Any] = {"index": index, "text": prefix + result["text"],
+                                          "finish_reason": result["finish_reason"], "logprobs": None}
+                if body.logprobs is not None:
+                    choice["logprobs"] = completion_logprobs(result)
+                choices.append(choice)
+            prompt_tokens = sum(r["prompt_tokens"] for r in results[:: body.n])
+            return response_body("completion", self.args.name, choices, prompt_tokens,
+                                 sum(r["completion_tokens"] for r in results))
+
+        return await self.respond(jobs, COMPLETION_STREAM, body.stream, render)
+
+    async def chat(self, body: ChatCompletionRequest) -> Any:
+        if (bad := self.unknown_model(body.model)) is not None:
+            return bad
+        details = await self.info()
+        prompt_ids = await self.encode(render_chat(body.messages))
+        jobs: list[Job] = [(prompt_ids, chat_params(body, i, details["max_model_len"], len(prompt_ids)))
+                           for i in range(body.n)]
+
+        async def render(results: list[dict[str, Any]]) -> dict[str, Any]:
+            choices = []
+            for index, result in enumerate(results):
+                choice: dict[str, Any] = {"index": index, "finish_reason": result["finish_reason"], "logprobs": None,
+                                          "message": {"role": "assistant", "content": result["text"]}}
+                if body.logprobs:
+                    choice["logprobs"] = {"content": [
+                        {"token": e["token"], "logprob": e["logprob"],
+                         "top_logprobs": [{"token": t, "logprob": lp} for _, t, lp in e["top"]]}
+                        for e in result["logprobs"]]}
+                choices.append(choice)
+            return response_body("chat", self.args.name, choices, len(prompt_ids),
+                                 sum(r["completion_tokens"] for r in results))
+
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        form = StreamFormat("chatcmpl", "chat.completion.chunk", chat_chunk, include_usage)
+        return await self.respond(jobs, form, body.stream, render)
 
 
-def app_builder(args: dict[str, Any]) -> Any:
-    """`serve run serving.app:app_builder model=PATH` / `infra/serve.yaml`: the ingress bound to the engine."""
-    model = str(Path(args["model"]).resolve())
-    name = str(args.get("name", "forgeline"))
-    api_key = args.get("api_key") or os.environ.get(API_KEY_ENV) or None
-    timeout_s = float(args.get("request_timeout_s", 60))
-    replicas = int(args.get("max_replicas", 1))
-    logging = {"enable_access_log": bool(args.get("access_log", True)), "log_level": args.get("log_level", "INFO")}
+COMPLETION_STREAM = StreamFormat("cmpl", "text_completion", completion_chunk, True)
+
+
+def app_builder(args: ServeArgs) -> Any:
+    """`serve run serving.app:app_builder model=PATH` / `infra/serve.yaml`: the ingress bound to the engine.
+
+    Serve validates `args` as `ServeArgs` (the annotation); a plain mapping is validated here too."""
+    if not isinstance(args, ServeArgs):
+        args = ServeArgs.model_validate(args)
+    logging = {"enable_access_log": args.access_log, "log_level": args.log_level}
     engine = serve.deployment(
-        EngineServer, name="engine", max_ongoing_requests=int(args.get("max_ongoing_requests", 64)),
-        logging_config=logging,
-        autoscaling_config={"min_replicas": 1, "max_replicas": replicas, "target_ongoing_requests": 16},
-        health_check_period_s=10, ray_actor_options={"num_cpus": float(args.get("engine_cpus", 1)),
-                                                     "num_gpus": float(args.get("engine_gpus", 0))},
-    ).bind(model, name, int(args.get("max_batch", 16)), str(args.get("dtype", "float32")))  # type: ignore[attr-defined]
-
-    @serve.deployment(name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0},
-                      logging_config=logging)
-    @serve.ingress(build_fastapi(name, api_key, timeout_s))
-    class APIIngress:
-        def __init__(self, engine_handle: Any) -> None:
-            register_engine(name, engine_handle)
-
-    return APIIngress.bind(engine)  # type: ignore[attr-defined]
+        EngineServer, name="engine", max_ongoing_requests=args.max_ongoing_requests, logging_config=logging,
+        autoscaling_config={"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": 16},
+        health_check_period_s=10, ray_actor_options={"num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
+    ).bind(str(Path(args.model).resolve()), args.name, args.max_batch, args.dtype)  # type: ignore[attr-defined]
+    ingress = serve.deployment(OpenAIIngress, name="ingress", max_ongoing_requests=256,
+                               ray_actor_options={"num_cpus": 0}, logging_config=logging)
+    return ingress.bind(engine, args)  # type: ignore[attr-defined]

@@ -3,7 +3,7 @@
 - `Engine.load(path)`: an HF export directory (`model.safetensors` + Llama `config.json` + tokenizer files),
   a DCP checkpoint directory (`step-*`), or a pretrain stage directory (its `hf/` export, else its latest
   checkpoint).
-- Scheduling: requests wait in a queue; each step is one forward pass (`FusedDecoder.mixed_step`) over the
+- Scheduling: requests wait in a queue; each step is one forward pass (`Decoder.mixed_step`) over the
   next token of every running sequence plus the whole prompts of the waiting requests that fit, which then
   join the running batch (`serving.kv_cache.BatchKVCache`, preallocated rows): the weights are read once
   per step however many requests join. Finished sequences leave. `step()` is one such iteration;
@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,9 @@ import torch
 from tokenizers import Tokenizer
 
 from dataprep.tokenize.tokenizer import load_tokenizer
-from serving.decoder import FusedDecoder
 from serving.kv_cache import BatchKVCache
 from serving.sampling import RequestError, SamplingParams, choose_token, find_stop, make_generator, safe_prefix
+from workers.decoder import Decoder
 from workers.model import KVCache, Transformer
 from workers.model_config import ModelConfig
 
@@ -127,7 +128,7 @@ class Engine:
                  max_batch: int = 16, device: torch.device | None = None) -> None:
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device).eval()
-        self.decoder = FusedDecoder(self.model)  # the fast forward; `self.model` shares its weights
+        self.decoder = Decoder(self.model)  # the one inference forward; `self.model` shares its weights
         self.tokenizer, self.eot_id, self.name, self.max_batch = tokenizer, eot_id, name, max_batch
         self.config = model.config
         self.dtype = next(model.parameters()).dtype
@@ -136,6 +137,7 @@ class Engine:
         self.cache = BatchKVCache(self.config, self.config.max_seq_len, self.device, self.dtype, max_batch)
         self.wakeup = threading.Event()
         self.thread: threading.Thread | None = None
+        self.beam_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgeline-beam")
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "busy_s": 0.0,
                       "aborted": 0}
 
@@ -252,8 +254,8 @@ class Engine:
             if request.aborted:
                 request.finish_reason = "abort"
                 self._finish(request)
-            elif request.params.beam_width > 1:
-                self._guarded([request], self._beam_search)
+            elif request.params.beam_width > 1:  # its own thread: the batch keeps stepping meanwhile
+                self.beam_pool.submit(self._guarded, [request], self._beam_search)
             else:
                 admitted.append(request)
         return admitted

@@ -36,6 +36,7 @@ class CompletionRequest(OpenAIModel):
     logprobs: int | None = None
     echo: bool = False
     stream: bool = False
+    stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
     # extension: beam search (as vLLM's `use_beam_search` / `best_of`)
     use_beam_search: bool = False
@@ -63,6 +64,7 @@ class ChatCompletionRequest(OpenAIModel):
     logprobs: bool = False
     top_logprobs: int | None = None
     stream: bool = False
+    stream_options: dict[str, Any] | None = Field(None, description="{'include_usage': true}: a usage chunk")
 
 
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",

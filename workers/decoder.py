@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.model import KVCache, Transformer, apply_rope, rope_tables
+from workers.model import Block, KVCache, Transformer, apply_rope, rope_tables
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(layer, q (N, H, D), k (N, KV, D), v (N, KV, D)) → attention output (N, H·D) for a flat run of N tokens."""
@@ -80,6 +80,15 @@ def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
         linear_module.weight.data = fused[start:start + rows]
         start += rows
     return fused
+
+
+def _fused_layer(block: Block) -> FusedLayer:
+    """One block's weights as the decoder reads them (q/k/v and gate/up fused)."""
+    attn, mlp = block.self_attn, block.mlp
+    return FusedLayer(attn_norm=block.input_layernorm.weight.detach(),
+                      qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]), o=attn.o_proj.weight.detach(),
+                      mlp_norm=block.post_attention_layernorm.weight.detach(),
+                      gate_up=_fuse([mlp.gate_proj, mlp.up_proj]), down=mlp.down_proj.weight.detach())
 
 
 def _onednn_linear() -> Any:
@@ -151,13 +160,7 @@ class Decoder:
         self.q_dim, self.kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         backbone = model.model
         with torch.no_grad():
-            self.layers = [FusedLayer(
-                attn_norm=block.input_layernorm.weight.detach(),
-                qkv=_fuse([block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]),
-                o=block.self_attn.o_proj.weight.detach(),
-                mlp_norm=block.post_attention_layernorm.weight.detach(),
-                gate_up=_fuse([block.mlp.gate_proj, block.mlp.up_proj]),
-                down=block.mlp.down_proj.weight.detach()) for block in backbone.layers]  # type: ignore[union-attr]
+            self.layers = [_fused_layer(cast(Block, block)) for block in backbone.layers]
         self.embed, self.final_norm = backbone.embed_tokens.weight.detach(), backbone.norm.weight.detach()
         self.lm_head = model.lm_head.weight.detach()
         self.device, self.dtype = self.embed.device, self.embed.dtype

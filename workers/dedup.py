@@ -179,7 +179,7 @@ def _bucket_edges(sig_paths: list[Path], methods: list[str], num_actors: int) ->
     published signature shards with new actors; the result does not depend on where actors ran.
     """
     for attempt in range(1, BUCKET_ATTEMPTS + 1):
-        actors = [BucketActor.remote() for _ in range(num_actors)]
+        actors = [BucketActor.remote() for _ in range(num_actors)]  # type: ignore[attr-defined]
         try:
             ray.get([route_task.remote(str(p), actors, methods) for p in sig_paths])
             peak = max(ray.get([a.memory_bytes.remote() for a in actors]), default=0)

@@ -24,7 +24,8 @@ from dataprep.evaluate.tasks import TaskError, TaskSpec, read_examples, score_ch
 from dataprep.tokenize.packing import TokenWindows
 from dataprep.tokenize.tokenizer import load_tokenizer
 from workers.checkpoint import STATE_FILE, load_full_model, read_state
-from workers.model import KVCache, Transformer
+from workers.decoder import Decoder
+from workers.model import Transformer
 from workers.model_config import ModelConfig
 
 PERPLEXITY_TASK = "heldout"
@@ -42,58 +43,53 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
-def perplexity(model: Transformer, windows: TokenWindows, byte_lengths: np.ndarray, max_windows: int,
-               batch: int, device: torch.device) -> dict[str, float]:
+def perplexity(decoder: Decoder, windows: TokenWindows, byte_lengths: np.ndarray, max_windows: int,
+               batch: int) -> dict[str, float]:
     """exp(mean NLL per predicted token) and bits per byte (NLL in bits / UTF-8 bytes of the targets)."""
     count = min(max_windows, len(windows))
     if count == 0:
         raise ValueError("no held-out windows to evaluate perplexity on")
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
-    with torch.no_grad():
-        for start in range(0, count, batch):
-            data = torch.from_numpy(windows.batch(range(start, min(count, start + batch)))).to(device)
-            logits = model(data[:, :-1]).float()
-            targets = data[:, 1:]
-            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-            total_nll += float(nll)
-            total_tokens += targets.numel()
-            total_bytes += int(byte_lengths[targets.cpu().numpy()].sum())
+    for start in range(0, count, batch):
+        data = torch.from_numpy(windows.batch(range(start, min(count, start + batch)))).to(decoder.device)
+        inputs, targets = data[:, :-1], data[:, 1:]
+        logits = decoder(inputs, decoder.new_cache(*inputs.shape)).float()
+        total_nll += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+        total_tokens += targets.numel()
+        total_bytes += int(byte_lengths[targets.cpu().numpy()].sum())
     mean = total_nll / total_tokens
     return {"nll": mean, "perplexity": math.exp(mean), "bits_per_byte": total_nll / math.log(2) / total_bytes,
             "tokens": total_tokens}
 
 
-def continuation_logprob(model: Transformer, prompt_ids: list[int], continuation_ids: list[int],
-                         device: torch.device) -> float:
+def continuation_logprob(decoder: Decoder, prompt_ids: list[int], continuation_ids: list[int]) -> float:
     """log P(continuation | prompt), prompt truncated from the left to fit the context."""
-    room = model.config.max_seq_len - len(continuation_ids)
-    ids = prompt_ids[-room:] + continuation_ids if room > 0 else continuation_ids[-model.config.max_seq_len:]
-    tokens = torch.tensor([ids], device=device)
-    with torch.no_grad():
-        logprobs = F.log_softmax(model(tokens[:, :-1]).float(), dim=-1)[0]
-    targets = tokens[0, 1:]
-    picked = logprobs.gather(1, targets[:, None])[:, 0]
+    context = decoder.config.max_seq_len
+    room = context - len(continuation_ids)
+    ids = prompt_ids[-room:] + continuation_ids if room > 0 else continuation_ids[-context:]
+    tokens = torch.tensor([ids], device=decoder.device)
+    logits = decoder(tokens[:, :-1], decoder.new_cache(1, len(ids) - 1))
+    logprobs = F.log_softmax(logits.float(), dim=-1)[0]
+    picked = logprobs.gather(1, tokens[0, 1:, None])[:, 0]
     return float(picked[-len(continuation_ids):].sum())
 
 
-def greedy_generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_id: int | None,
-                    device: torch.device) -> list[int]:
+def greedy_generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, stop_id: int | None) -> list[int]:
     """Greedy decoding with a KV cache; stops at `stop_id` or the context limit."""
-    limit = model.config.max_seq_len
+    limit = decoder.config.max_seq_len
     prompt_ids = prompt_ids[-(limit - 1):]
     budget = min(max_new_tokens, limit - len(prompt_ids))
-    cache = KVCache(model.config, 1, len(prompt_ids) + budget, device, next(model.parameters()).dtype)
+    cache = decoder.new_cache(1, len(prompt_ids) + budget)
     out: list[int] = []
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids], device=device), cache=cache)
-        for _ in range(budget):
-            token = int(logits[0, -1].argmax())
-            if token == stop_id:
-                break
-            out.append(token)
-            if len(out) == budget:
-                break
-            logits = model(torch.tensor([[token]], device=device), cache=cache)
+    logits = decoder(torch.tensor([prompt_ids], device=decoder.device), cache)
+    for _ in range(budget):
+        token = int(logits[0, -1].argmax())
+        if token == stop_id:
+            break
+        out.append(token)
+        if len(out) == budget:
+            break
+        logits = decoder(torch.tensor([[token]], device=decoder.device), cache)
     return out
 
 
@@ -114,8 +110,8 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device) -> tuple[Trans
     return model.to(device).eval(), state
 
 
-def _task_rows(task: TaskSpec, model: Transformer, tokenizer: Tokenizer, eot_id: int,
-               device: torch.device) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def _task_rows(task: TaskSpec, decoder: Decoder, tokenizer: Tokenizer, eot_id: int,
+               ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     examples = read_examples(task)
 
     def encode(text: str) -> list[int]:
@@ -123,10 +119,10 @@ def _task_rows(task: TaskSpec, model: Transformer, tokenizer: Tokenizer, eot_id:
 
     if task.type == "choice":
         scores = score_choices(task, examples, lambda prompt, cont: continuation_logprob(
-            model, encode(prompt), encode(cont), device))
+            decoder, encode(prompt), encode(cont)))
         return [{"task": task.name, "metric": k, "value": float(v)} for k, v in scores.items()], []
     scores, samples = score_generation(task, examples, lambda prompt, n: tokenizer.decode(
-        greedy_generate(model, encode(prompt), n, eot_id, device)))
+        greedy_generate(decoder, encode(prompt), n, eot_id)))
     return [{"task": task.name, "metric": k, "value": float(v)} for k, v in scores.items()], samples
 
 
@@ -147,16 +143,16 @@ def evaluate_checkpoint(checkpoint: str, tasks: list[dict[str, Any]], max_window
         return {"step": state["step"], "tokens": None, "rows": [], "samples": {},
                 "errors": [{"task": "*", "error": f"{path.name}: no tokenizer/held-out data: {error}"}]}
     rows, errors, samples = [], [], {}
+    decoder = Decoder(model)
     try:
-        held = perplexity(model, TokenWindows(data_dir, "val"), token_byte_lengths(tokenizer), max_windows, batch,
-                          device)
+        held = perplexity(decoder, TokenWindows(data_dir, "val"), token_byte_lengths(tokenizer), max_windows, batch)
         rows += [{"task": PERPLEXITY_TASK, "metric": k, "value": float(v)} for k, v in held.items()]
     except Exception as error:
         errors.append({"task": PERPLEXITY_TASK, "error": str(error)})
     for raw in tasks:
         task = TaskSpec.model_validate(raw)
         try:
-            task_rows, task_samples = _task_rows(task, model, tokenizer, eot_id, device)
+            task_rows, task_samples = _task_rows(task, decoder, tokenizer, eot_id)
             rows += task_rows
             if task_samples:
                 samples[task.name] = task_samples

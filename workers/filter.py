@@ -37,7 +37,8 @@ class FilterActor:
 
 def run_filter(stage: StageDir, sources: list[Path], steps: list[Step], num_actors: int) -> list[dict[str, Any]]:
     """Filter every shard on a pool of actors; per-shard stats in source order."""
-    actors = [FilterActor.remote(str(stage.path), steps) for _ in range(max(1, min(num_actors, len(sources))))]
+    count = max(1, min(num_actors, len(sources)))
+    actors = [FilterActor.remote(str(stage.path), steps) for _ in range(count)]  # type: ignore[attr-defined]
     pool = ActorPool(actors)
     results = list(pool.map(lambda actor, source: actor.filter.remote(str(source)), sources))
     for actor in actors:

@@ -214,7 +214,8 @@ def remove_task(
 
 def _count(work_paths: list[Path], capacities: np.ndarray, config: LineDedupConfig) -> list[Any]:
     """Fresh actors holding the counts of every work file's pairs."""
-    actors = [LineCountActor.remote(config, int(capacities[i])) for i in range(config.num_actors)]
+    actors = [LineCountActor.remote(config, int(capacities[i]))  # type: ignore[attr-defined]
+              for i in range(config.num_actors)]
     if config.bloom:
         ray.get([route_task.remote(str(p), actors, "screen") for p in work_paths])
         ray.get([actor.finish_screen.remote() for actor in actors])

@@ -78,6 +78,10 @@ class KVCache:
     def advance(self, new: int) -> None:
         self.length += new
 
+    def uniform_length(self) -> int:
+        """Every row has the same length (the `workers.decoder.KVStore` protocol)."""
+        return self.length
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:

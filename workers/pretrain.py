@@ -268,7 +268,7 @@ def train(job: TrainJob, report: Reporter | None = None) -> dict[str, Any]:
                                                 job.config.grad_accum)
         loss_sum = torch.zeros((), device=ctx.device)
         for m, positions in enumerate(micro_batches):
-            model.set_requires_gradient_sync(m == len(micro_batches) - 1)
+            model.set_requires_gradient_sync(m == len(micro_batches) - 1)  # type: ignore[operator]  # FSDP2 method
             inputs, targets = _tensors(train_data.batch(positions), ctx.device)
             with torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = model(inputs, targets)

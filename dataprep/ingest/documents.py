@@ -187,9 +187,9 @@ def process_record(raw: RawRecord, settings: IngestConfig) -> tuple[str, dict[st
     if raw.source_format == "warc":
         if not raw.payload:
             return "quarantine", _rejection(raw, "empty_payload"), "empty_payload"
-        html_text, charset, reason = _html_text(raw, settings)
-        if reason:
-            return "quarantine", _rejection(raw, reason), reason
+        html_text, charset, rejected = _html_text(raw, settings)
+        if rejected:
+            return "quarantine", _rejection(raw, rejected), rejected
         text = html_text or ""
     elif raw.source_format == "wet":
         decoded = decode_utf8_text(raw.payload or b"")

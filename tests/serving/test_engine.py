@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from dataprep.tokenize.tokenizer import EOT_TOKEN, train_bpe
-from serving.decoder import FusedDecoder, attention, linear
 from serving.engine import Engine
 from serving.kv_cache import BatchKVCache
 from serving.sampling import RequestError, SamplingParams, safe_prefix
+from workers.decoder import ONEDNN_LINEAR, Decoder, attention, linear
 from workers.model import KVCache, Transformer
 from workers.model_config import ModelConfig
 
@@ -28,13 +28,13 @@ def engine() -> Engine:
     return Engine(model, tokenizer, tokenizer.token_to_id(EOT_TOKEN), max_batch=4)
 
 
-def fused_and_reference(seed: int) -> tuple[Transformer, Transformer, FusedDecoder]:
+def fused_and_reference(seed: int) -> tuple[Transformer, Transformer, Decoder]:
     """A model, an unfused copy to recompute with, and the model's fused decoder (sharing its weights)."""
     model = Transformer(CONFIG).eval()
     model.init_weights(seed)
     reference = Transformer(CONFIG).eval()
     reference.load_state_dict(model.state_dict())
-    return model, reference, FusedDecoder(model)
+    return model, reference, Decoder(model)
 
 
 def recompute_greedy(engine: Engine, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
@@ -127,10 +127,14 @@ def test_keep_rows_moves_the_last_rows_into_the_holes() -> None:
 
 @pytest.mark.parametrize("shape", [(1, 64), (3, 64), (4, 64), (16, 64), (2, 9, 64)])
 def test_linear_paths_equal_f_linear(shape: tuple[int, ...]) -> None:
-    """GEMV as multiply-and-sum (1 row), MKL (2-3 rows), oneDNN (4+ rows, any leading shape): one result."""
+    """GEMV as multiply-and-sum (1 row), MKL (2-3 rows), oneDNN (4+ rows, any leading shape) and the fallback
+    without the private oneDNN op: one result."""
+    assert ONEDNN_LINEAR is not None, "this CPU build of torch has the oneDNN linear op"
     generator = torch.Generator().manual_seed(1)
     x, weight = torch.randn(*shape, generator=generator), torch.randn(96, 64, generator=generator)
-    assert torch.allclose(linear(x, weight), torch.nn.functional.linear(x, weight), atol=1e-5)
+    expected = torch.nn.functional.linear(x, weight)
+    assert torch.allclose(linear(x, weight), expected, atol=1e-5)
+    assert torch.allclose(linear(x, weight, onednn=None), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -172,6 +176,18 @@ def test_beam_search_scores_at_least_greedy(engine: Engine) -> None:
                                                   early_stopping=False))
     greedy_score = sum(t.logprob for t in greedy.logprobs) / len(greedy.output_ids)
     assert beam.extra["beam_score"] >= greedy_score - 1e-6
+
+
+def test_beam_search_does_not_stall_the_batch(engine: Engine) -> None:
+    """A long beam search runs beside the batch: a short greedy request submitted after it finishes first."""
+    served = Engine(engine.model, engine.tokenizer, engine.eot_id, max_batch=4)
+    served.start()
+    beam = served.submit(served.encode("the sun"), SamplingParams(max_tokens=100, temperature=0, beam_width=4,
+                                                                  early_stopping=False))
+    greedy = served.submit(served.encode("a dog"), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert greedy.done.wait(60) and len(greedy.output_ids) == 3
+    assert not beam.done.is_set(), "the greedy request waited for the beam search"
+    assert beam.done.wait(120) and beam.finish_reason in ("length", "stop")
 
 
 def test_continuous_batching_joins_and_leaves_at_step_boundaries(engine: Engine) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from dataprep.tokenize.packing import SplitPacker, TokenWindows, write_index
 from dataprep.tokenize.tokenizer import load_tokenizer, save_tokenizer, train_bpe
+from workers.decoder import Decoder
 from workers.evaluate import continuation_logprob, greedy_generate, perplexity, token_byte_lengths
 from workers.model import Transformer
 from workers.model_config import ModelConfig
@@ -35,7 +36,7 @@ def test_perplexity_is_exp_of_mean_nll(model: Transformer, tmp_path: Path) -> No
     write_index(tmp_path, {"seq_len": 8, "vocab_size": 50, "splits": {"val": packer.finish()}})
     windows = TokenWindows(tmp_path, "val")
     byte_lengths = np.arange(50) % 3 + 1
-    got = perplexity(model, windows, byte_lengths, max_windows=5, batch=2, device=torch.device("cpu"))
+    got = perplexity(Decoder(model), windows, byte_lengths, max_windows=5, batch=2)
     nll, count, size = 0.0, 0, 0
     for window in windows:  # independently: one window at a time, explicit log-softmax and indexing
         tokens = torch.tensor(np.asarray(window, dtype=np.int64))
@@ -55,8 +56,9 @@ def test_continuation_logprob_and_greedy_match_recomputation(model: Transformer)
     with torch.no_grad():
         logprobs = torch.log_softmax(model(torch.tensor([prompt + continuation]))[0], dim=-1)
     expected = float(logprobs[3, 7] + logprobs[4, 3])
-    assert continuation_logprob(model, prompt, continuation, torch.device("cpu")) == pytest.approx(expected, abs=1e-5)
-    generated = greedy_generate(model, prompt, 10, stop_id=None, device=torch.device("cpu"))
+    decoder = Decoder(model)
+    assert continuation_logprob(decoder, prompt, continuation) == pytest.approx(expected, abs=1e-5)
+    generated = greedy_generate(decoder, prompt, 10, stop_id=None)
     sequence = list(prompt)
     for _ in range(10):  # recompute the whole sequence at every step, take the argmax
         with torch.no_grad():

@@ -1,0 +1,26 @@
+"""The Serve application's typed arguments: what `infra/serve.yaml` and `forgeline serve` may set."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from serving.app import ServeArgs, app_builder
+
+
+def test_defaults_and_types() -> None:
+    args = ServeArgs.model_validate({"model": "runs/x", "engine_cpus": "2", "dtype": "bfloat16"})
+    assert (args.engine_cpus, args.dtype, args.max_batch, args.request_timeout_s) == (2.0, "bfloat16", 16, 60.0)
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    ({"model": "m", "max_batch": 0}, "max_batch"),
+    ({"model": "m", "dtype": "float16"}, "dtype"),
+    ({"model": "m", "request_timeout_s": -1}, "request_timeout_s"),
+    ({"model": "m", "max_batchh": 8}, "max_batchh"),
+    ({"name": "m"}, "model"),
+])
+def test_bad_arguments_name_the_field(args: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        app_builder(args)  # type: ignore[arg-type]  (a mapping, as `serve run` passes before validation)
+    assert [error["loc"][0] for error in caught.value.errors()] == [field]
