@@ -45,13 +45,13 @@ def make_data(directory: Path, vocab: int, seq_len: int, windows: int) -> None:
 
 def spec_for(args: argparse.Namespace, data: Path, out: Path):
     from workers.model_config import model_config
-    from workers.pretrain import TrainSpec
+    from workers.train_config import PretrainConfig, TrainJob
 
     model = model_config(args.preset, vocab_size=args.vocab, max_seq_len=max(args.seq_len, 64))
-    return TrainSpec(model=model.to_dict(), data_dir=str(data), out_dir=str(out), steps=args.steps,
-                     micro_batch=args.micro_batch, lr=1e-3, min_lr=1e-4, warmup_steps=5, seed=0,
-                     precision=args.precision, checkpoint_every=10**9, eval_every=10**9, eval_windows=1,
-                     log_every=10**9, threads=args.threads, use_gpu=args.gpu)
+    settings = PretrainConfig(steps=args.steps, micro_batch=args.micro_batch, lr=1e-3, min_lr=1e-4, warmup_steps=5,
+                              seed=0, precision=args.precision, checkpoint_every=10**9, eval_every=10**9,
+                              eval_windows=1, log_every=10**9, cpus_per_worker=args.threads, use_gpu=args.gpu)
+    return TrainJob(config=settings, model=model.to_dict(), data_dir=str(data), out_dir=str(out))
 
 
 def run_ours(args: argparse.Namespace, data: Path, out: Path) -> dict:
@@ -77,24 +77,24 @@ def run_plain(args: argparse.Namespace, data: Path) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.gpu else "cpu")
     windows = TokenWindows(data, "train")
-    plan = BatchPlan(len(windows), spec.micro_batch, spec.seed)
+    plan = BatchPlan(len(windows), spec.config.micro_batch, spec.config.seed)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model = Transformer(ModelConfig(**spec.model))
-    model.init_weights(spec.seed)
+    model.init_weights(spec.config.seed)
     model.to(device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.config.weight_decay},
                                    {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
-                                  lr=spec.lr, betas=spec.betas, eps=1e-8)
+                                  lr=spec.config.lr, betas=spec.config.betas, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, spec))
     seconds, losses = [], []
-    for step in range(spec.steps):
+    for step in range(spec.config.steps):
         tick = time.time()
         batch = torch.from_numpy(windows.batch(plan.step_positions(step))).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.config.resolved_precision() == "bf16"):
             loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -102,7 +102,7 @@ def run_plain(args: argparse.Namespace, data: Path) -> dict:
         seconds.append(time.time() - tick)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"step_seconds": seconds, "losses": losses, "rss_growth": peak - rss_before,
-            "tokens_per_step": spec.micro_batch * args.seq_len}
+            "tokens_per_step": spec.config.micro_batch * args.seq_len}
 
 
 def subprocess_result(args: argparse.Namespace, role: str, data: Path, out: Path) -> dict:

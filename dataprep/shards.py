@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +23,64 @@ TMP_DIR_NAME = "_tmp"
 SHARD_META_KEY = b"forgeline"
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (making its renames durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def atomic_write_bytes(final_path: Path, data: bytes) -> None:
-    """Write `data` to `final_path` so that the file appears complete or not at all."""
+def atomic_write_with(final_path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp_path)`, fsync, then rename over `final_path`: the file appears complete or not at all
+    (the temporary file is removed on error)."""
+    final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = final_path.parent / f".{final_path.name}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, final_path)
-    _fsync_dir(final_path.parent)
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, final_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(final_path.parent)
+
+
+def atomic_write_bytes(final_path: Path, data: bytes) -> None:
+    """Write `data` to `final_path` so that the file appears complete or not at all."""
+    atomic_write_with(final_path, lambda tmp: tmp.write_bytes(data))
+
+
+@contextmanager
+def atomic_directory(final_dir: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory; when the block succeeds it replaces `final_dir` (else is removed).
+
+    A previous version is renamed aside and deleted after the swap, so a reader sees the old complete directory
+    or the new one (POSIX cannot rename over a non-empty directory: between the two renames the path is briefly
+    absent, never partial)."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_dir.parent / f".{final_dir.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                fsync_path(file)
+        fsync_path(tmp)
+        if final_dir.exists():
+            old = final_dir.parent / f".{final_dir.name}.{uuid.uuid4().hex}.old"
+            os.replace(final_dir, old)
+            os.replace(tmp, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final_dir)
+        fsync_path(final_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_json(final_path: Path, payload: Any) -> None:
@@ -65,7 +108,7 @@ def publish_table(
         os.fsync(handle.fileno())
     size = tmp.stat().st_size
     os.replace(tmp, final_path)
-    _fsync_dir(final_path.parent)
+    fsync_path(final_path.parent)
     return size
 
 

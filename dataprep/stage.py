@@ -29,7 +29,16 @@ CONTRACT_VERSION = 1
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_FILE = "manifest.json"
 UNITS_DIR = "_units"
-HASH_CHARS = 12
+HASH_CHARS = 12  # hex characters of a stage address
+
+# Folder names of the contract, shared by the stages that write and the ones (and the server) that read them
+DATA_DIR = "data"  # document shards (ingest, dedup, filter)
+QUARANTINE_DIR = "quarantine"  # records ingest set aside, with the reason
+REMOVED_DIR = "removed"  # documents a stage dropped, with the reason
+TOKENIZER_DIR = "tokenizer"  # tokenize: tokenizer.json and the transformers files
+TOKENS_DIR = "tokens"  # tokenize: packed windows and index.json
+CHECKPOINTS_DIR = "checkpoints"  # pretrain: sharded (DCP) checkpoints
+HF_DIR = "hf"  # pretrain: the exported Hugging Face model
 
 
 class StageConfig(BaseModel):

@@ -103,10 +103,10 @@ def stats_markdown(manifest: dict[str, Any], skipped: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish_artifact(manifest: dict[str, Any], skipped: bool = False) -> None:
-    """Attach the stage report to the current Prefect flow run as a markdown artifact."""
+def publish_artifact(manifest: dict[str, Any], skipped: bool = False, extra: str = "") -> None:
+    """Attach the stage report (and `extra` markdown) to the current Prefect flow run as a markdown artifact."""
     create_markdown_artifact(
         key=f"{manifest['stage']}-stats",
-        markdown=stats_markdown(manifest, skipped),
+        markdown=stats_markdown(manifest, skipped) + extra,
         description=f"{manifest['stage']} stats for {manifest['name']}",
     )

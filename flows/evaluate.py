@@ -28,13 +28,12 @@ from prefect.artifacts import create_markdown_artifact
 from dataprep.evaluate.report import RESULT_SCHEMA, metrics_png, summary_markdown
 from dataprep.evaluate.tasks import TaskError, load_task
 from dataprep.shards import atomic_write_json, publish_table
-from dataprep.stage import StageDir, file_digest
+from dataprep.stage import CHECKPOINTS_DIR, StageDir, file_digest
 from flows.common import connect_ray
 from flows.config import RunConfig, load_config
 from flows.stage import Computed, StageInputs, StageResult, StageSpec, address, run_stage
 from workers.checkpoint import complete_checkpoints
 from workers.evaluate import evaluate_checkpoint_task
-from workers.pretrain import CHECKPOINTS_DIR
 
 CODE_VERSION = "evaluate-1"
 RESULTS_DIR = "results"

@@ -7,10 +7,9 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact
 
-from dataprep.filter.chain import REMOVED_DIR, load_resources, merge_shard_stats
+from dataprep.filter.chain import load_resources, merge_shard_stats
 from dataprep.filter.funnel import funnel_markdown, funnel_png
-from dataprep.ingest.documents import DATA_DIR
-from dataprep.stage import StageDir, file_digest
+from dataprep.stage import DATA_DIR, REMOVED_DIR, StageDir, file_digest
 from flows.config import RunConfig
 from flows.stage import Computed, NotYetKnown, StageInputs, StageResult, StageSpec, stage_flow
 from flows.train import train_quality_flow

@@ -22,18 +22,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from dataprep.evaluate.curves import loss_curve_png, read_metrics
-from dataprep.stage import StageDir
+from dataprep.stage import CHECKPOINTS_DIR, HF_DIR, TOKENIZER_DIR, TOKENS_DIR, StageDir
 from dataprep.tokenize.packing import read_index
 from flows.common import injected_fault
 from flows.config import RunConfig
 from flows.stage import Computed, NotYetKnown, StageInputs, StageResult, StageSpec, stage_flow
 from workers.checkpoint import check_compatible, complete_checkpoints, latest_checkpoint, read_journal, read_state
 from workers.model_config import ModelConfig, parameter_count
-from workers.pretrain import CHECKPOINTS_DIR, METRICS_FILE
-from workers.tokenize import TOKENIZER_DIR, TOKENS_DIR
+from workers.pretrain import METRICS_FILE
 from workers.train_config import OPERATIONAL_FIELDS, TrainJob
 
-HF_DIR = "hf"
 LOSS_PNG = "loss.png"
 CHECKPOINT_EVENT = "forgeline.checkpoint.saved"
 

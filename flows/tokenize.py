@@ -14,16 +14,13 @@ from typing import Any
 import pyarrow.parquet as pq
 import ray
 
-from dataprep.ingest.documents import DATA_DIR
-from dataprep.stage import StageDir, file_digest
+from dataprep.stage import DATA_DIR, TOKENIZER_DIR, TOKENS_DIR, StageDir, file_digest
 from dataprep.tokenize.packing import write_index
 from dataprep.tokenize.tokenizer import TOKENIZER_FILE, copy_hf_files, load_tokenizer
 from flows.config import RunConfig
 from flows.stage import Computed, StageInputs, StageResult, StageSpec, stage_flow
 from workers.tokenize import (
     STREAMS_DIR,
-    TOKENIZER_DIR,
-    TOKENS_DIR,
     pack_task,
     tokenize_shard_task,
     train_tokenizer_task,

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from dataprep.stage import CHECKPOINTS_DIR, HF_DIR, TOKENIZER_DIR
 from dataprep.tokenize.tokenizer import load_tokenizer
 from serving.kv_cache import BatchKVCache
 from serving.sampling import RequestError, SamplingParams, choose_token, find_stop, make_generator, safe_prefix
@@ -98,16 +99,16 @@ def load_model(path: Path) -> tuple[Transformer, Path]:
     from workers.checkpoint import STATE_FILE, latest_checkpoint, load_full_model, read_state
 
     path = Path(path)
-    if (path / "hf" / "config.json").is_file():
-        return _from_hf(path / "hf")
+    if (path / HF_DIR / "config.json").is_file():
+        return _from_hf(path / HF_DIR)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return _from_hf(path)
-    checkpoint = path if (path / STATE_FILE).is_file() else latest_checkpoint(path / "checkpoints")
+    checkpoint = path if (path / STATE_FILE).is_file() else latest_checkpoint(path / CHECKPOINTS_DIR)
     if checkpoint is None:
         raise FileNotFoundError(f"{path}: no HF export (config.json + model.safetensors), checkpoint or pretrain stage")
     state = read_state(checkpoint)
     model = load_full_model(checkpoint, Transformer(ModelConfig(**state["model"])))
-    return model, Path(state["spec"]["data_dir"]).parent / "tokenizer"
+    return model, Path(state["spec"]["data_dir"]).parent / TOKENIZER_DIR
 
 
 def _gpt2_byte_order(char: str) -> int:

@@ -25,40 +25,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.model import Block, KVCache, Transformer, apply_rope, rope_tables
+from workers.model import Block, KVCache, KVStore, Transformer, apply_rope, rope_tables
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(layer, q (N, H, D), k (N, KV, D), v (N, KV, D)) → attention output (N, H·D) for a flat run of N tokens."""
-
-
-class KVStore(Protocol):
-    """The cache protocol of the decoder and of `Transformer.forward`."""
-
-    def positions(self, new: int, device: torch.device) -> torch.Tensor:
-        """Positions of the next `new` tokens: (rows or 1, new)."""
-        ...
-
-    def attention_mask(self, new: int, device: torch.device) -> torch.Tensor | None:
-        """Which keys each new query may see (None: plain causal over the new block)."""
-        ...
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values (rows, KV, new, D); return every key/value so far."""
-        ...
-
-    def advance(self, new: int) -> None:
-        """Mark `new` more positions as filled (after the last layer)."""
-        ...
-
-    def uniform_length(self) -> int | None:
-        """The length every row has, or None when rows differ."""
-        ...
 
 
 @dataclass

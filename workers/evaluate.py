@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dataprep.evaluate.tasks import TaskError, TaskSpec, read_examples, score_choices, score_generation
+from dataprep.stage import TOKENIZER_DIR
 from dataprep.tokenize.packing import TokenWindows
 from dataprep.tokenize.tokenizer import load_tokenizer
 from workers.checkpoint import STATE_FILE, load_full_model, read_state
@@ -138,7 +139,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: list[dict[str, Any]], max_window
                 "errors": [{"task": "*", "error": f"{path.name}: cannot load: {load_error_message(error)}"}]}
     try:
         data_dir = Path(state["spec"]["data_dir"])
-        tokenizer, eot_id = load_tokenizer(data_dir.parent / "tokenizer")
+        tokenizer, eot_id = load_tokenizer(data_dir.parent / TOKENIZER_DIR)
     except (KeyError, ValueError) as error:
         return {"step": state["step"], "tokens": None, "rows": [], "samples": {},
                 "errors": [{"task": "*", "error": f"{path.name}: no tokenizer/held-out data: {error}"}]}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,8 @@ def _verdicts(actors: list[Any], hashes: np.ndarray) -> dict[int, int]:
 
 
 def _shard_stats(documents: int) -> dict[str, Any]:
-    return {"documents_in": documents, "documents_out": 0, "dropped": 0, "segments_seen": 0, "segments_removed": 0,
+    return {"documents_in": documents, "documents_out": 0, "dropped": 0, "documents_affected": 0, "segments_seen": 0,
+            "segments_removed": 0,
             "pairs_removed": 0, "chars_in": 0, "chars_removed": 0, "samples": {}}
 
 
@@ -208,6 +210,7 @@ def remove_task(
         dropped = dropped.append_column("reason", pa.array([EMPTY_REASON] * dropped.num_rows, pa.string()))
         publish_table(dropped, Path(removed_target), Path(tmp_dir))
     stats["dropped"] = int(emptied.sum())
+    stats["documents_affected"] = sum(1 for count in lines if count)
     stats["documents_out"] = len(new_texts) - stats["dropped"]
     return stats
 
@@ -258,16 +261,23 @@ def _hash_all(
 
 def _run_with_actors(
     sources: list[Path], out_data: Path, out_removed: Path, tmp_dir: Path, config: LineDedupConfig, work: Path
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], tuple[np.ndarray, np.ndarray]]:
-    """Count, then remove; the whole actor phase is redone with fresh actors if one is lost."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], tuple[np.ndarray, np.ndarray], dict[str, float]]:
+    """Hash, count, then remove; the actor phases are redone with fresh actors if one is lost. Also returns the
+    seconds of the hashing, counting and removal passes."""
+    started = time.perf_counter()
     work_paths, capacities = _hash_all(sources, work, tmp_dir, config)
+    hashed = time.perf_counter()
     for attempt in range(1, ATTEMPTS + 1):
         actors: list[Any] = []
         try:
+            counting = time.perf_counter()
             actors = _count(work_paths, capacities, config)
             summaries = ray.get([actor.summary.remote() for actor in actors])
             top = _top(actors, TOP_SEGMENTS)
-            return _remove(sources, out_data, out_removed, tmp_dir, config, actors, top[0]), summaries, top
+            removing = time.perf_counter()
+            results = _remove(sources, out_data, out_removed, tmp_dir, config, actors, top[0])
+            seconds = {"hash": hashed - started, "count": removing - counting, "remove": time.perf_counter() - removing}
+            return results, summaries, top, seconds
         except ray.exceptions.RayActorError as error:
             if attempt == ATTEMPTS:
                 raise
@@ -295,13 +305,13 @@ def run_line_dedup(
         raise ValueError("source shards must have distinct file names (outputs are named after them)")
     if config.mode == "off":
         results = _remove(sources, out_data, out_removed, tmp_dir, config, [], np.empty(0, np.uint64))
-        return _stats(config, results, [], (np.empty(0, np.uint64), np.empty(0, np.int64)))
+        return _stats(config, results, [], (np.empty(0, np.uint64), np.empty(0, np.int64)), {})
     work = work_dir or tmp_dir / WORK_DIR_NAME
     try:
-        results, summaries, top = _run_with_actors(sources, out_data, out_removed, tmp_dir, config, work)
+        results, summaries, top, seconds = _run_with_actors(sources, out_data, out_removed, tmp_dir, config, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return _stats(config, results, summaries, top)
+    return _stats(config, results, summaries, top, seconds)
 
 
 def _top_rows(results: list[dict[str, Any]], top: tuple[np.ndarray, np.ndarray], rule: str) -> list[dict[str, Any]]:
@@ -319,10 +329,12 @@ def _top_rows(results: list[dict[str, Any]], top: tuple[np.ndarray, np.ndarray],
 
 def _stats(
     config: LineDedupConfig, results: list[dict[str, Any]], summaries: list[dict[str, Any]],
-    top: tuple[np.ndarray, np.ndarray],
+    top: tuple[np.ndarray, np.ndarray], seconds: dict[str, float],
 ) -> dict[str, Any]:
-    """Totals over shards, the count-only predictions of the actors, and the audit of frequent segments."""
-    total = {k: sum(r[k] for r in results) for k in ("documents_in", "documents_out", "segments_seen",
+    """Totals over shards, the count-only predictions of the actors, the audit of frequent segments, and the
+    seconds of each pass."""
+    total = {k: sum(r[k] for r in results) for k in ("documents_in", "documents_out", "documents_affected",
+                                                     "segments_seen",
                                                      "segments_removed", "pairs_removed", "chars_in",
                                                      "chars_removed")}
     dropped = sum(r["dropped"] for r in results)
@@ -340,4 +352,5 @@ def _stats(
             "per_actor": summaries,
         },
         "top_removed": _top_rows(results, top, config.rule),
+        "seconds": {phase: round(value, 3) for phase, value in seconds.items()},
     }

@@ -8,7 +8,7 @@ and RoPE uses the same half-rotation layout, so the HF export (`workers.export`)
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,30 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, D); cos/sin broadcastable to it, e.g. (B or 1, 1, T, D)."""
     return (x * cos.to(x.dtype)) + (rotate_half(x) * sin.to(x.dtype))
+
+
+class KVStore(Protocol):
+    """The cache protocol of the decoder and of `Transformer.forward`."""
+
+    def positions(self, new: int, device: torch.device) -> torch.Tensor:
+        """Positions of the next `new` tokens: (rows or 1, new)."""
+        ...
+
+    def attention_mask(self, new: int, device: torch.device) -> torch.Tensor | None:
+        """Which keys each new query may see (None: plain causal over the new block)."""
+        ...
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values (rows, KV, new, D); return every key/value so far."""
+        ...
+
+    def advance(self, new: int) -> None:
+        """Mark `new` more positions as filled (after the last layer)."""
+        ...
+
+    def uniform_length(self) -> int | None:
+        """The length every row has, or None when rows differ."""
+        ...
 
 
 class KVCache:
@@ -105,7 +129,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVStore | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
@@ -143,7 +167,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any | None = None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVStore | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -183,7 +207,7 @@ class Transformer(nn.Module):
                 std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else self.config.init_std
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: Any | None = None,
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVStore | None = None,
                 ) -> torch.Tensor:
         """`cache`: a `KVCache` (or `serving.kv_cache.BatchKVCache`); the new tokens follow what it holds."""
         new = tokens.shape[1]

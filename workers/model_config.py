@@ -97,6 +97,11 @@ class ModelChoice(StageConfig):
         return model_config(self.preset, **{**overrides, "vocab_size": vocab_size})
 
 
+# Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets); MFU is not reported for other devices.
+PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                   "A10G": 70e12, "A10": 125e12, "V100": 125e12}
+
+
 def parameter_count(config: ModelConfig) -> dict[str, int]:
     """Total parameters, and the non-embedding part used in 6·N FLOPs (input embedding excluded)."""
     attn = config.dim * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads)

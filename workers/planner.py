@@ -17,8 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from workers.model_config import ModelConfig, flops_per_token, parameter_count
-from workers.pretrain import PEAK_BF16_FLOPS
+from workers.model_config import PEAK_BF16_FLOPS, ModelConfig, flops_per_token, parameter_count
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}

@@ -36,17 +36,14 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from dataprep.shards import atomic_write_bytes
+from dataprep.stage import CHECKPOINTS_DIR
 from dataprep.tokenize.packing import TokenWindows, read_index
 from workers.checkpoint import check_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
 from workers.model import Transformer
-from workers.model_config import ModelConfig, flops_per_token, parameter_count
+from workers.model_config import PEAK_BF16_FLOPS, ModelConfig, flops_per_token, parameter_count
 from workers.train_config import TrainJob
 
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINTS_DIR = "checkpoints"
-# Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets); MFU is not reported for other devices.
-PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                   "A10G": 70e12, "A10": 125e12, "V100": 125e12}
 
 
 class Reporter(Protocol):

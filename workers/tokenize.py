@@ -30,8 +30,6 @@ from dataprep.tokenize.packing import (
 from dataprep.tokenize.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 
 STREAMS_DIR = "streams"
-TOKENS_DIR = "tokens"
-TOKENIZER_DIR = "tokenizer"
 
 
 def iter_texts(sources: list[str], batch_rows: int = 1024):

@@ -16,6 +16,7 @@ import numpy as np
 from datasketch.lsh import _optimal_param
 from pydantic import Field, model_validator
 
+from dataprep.dedup.lines import LineDedupConfig
 from dataprep.dedup.minhash import char_shingles, fmix32, jaccard, normalise_text, word_shingles
 from dataprep.stage import StageConfig
 
@@ -42,6 +43,7 @@ class DedupConfig(StageConfig):
     verify: bool = Field(True, description="keep a fuzzy edge only if exact Jaccard >= threshold")
     num_actors: int = Field(2, ge=1, description="LSH bucket actors (each holds 1/N of the keys)")
     keep: Literal["earliest_crawl", "longest_text", "lowest_id"] = "earliest_crawl"
+    lines: LineDedupConfig = Field(LineDedupConfig(), description="line/paragraph dedup after document dedup")
 
     @model_validator(mode="after")
     def _bands_fit(self) -> DedupConfig:

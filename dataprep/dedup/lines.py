@@ -31,7 +31,9 @@ from typing import Literal
 
 import numpy as np
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from dataprep.stage import StageConfig
 
 Mode = Literal["off", "line", "paragraph"]
 Rule = Literal["first_occurrence", "boilerplate"]
@@ -50,19 +52,18 @@ _ASCII_CONTROL = bytes([*range(32), 127])
 _SPLITMIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 
 
-class LineDedupConfig(BaseModel):
-    """Settings of line/paragraph dedup; `mode="off"` leaves documents untouched."""
+class LineDedupConfig(StageConfig):
+    """`dedup.lines`: corpus-wide line/paragraph dedup after document dedup; `mode: off` leaves texts untouched."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mode: Mode = "off"
-    rule: Rule = "first_occurrence"
-    min_docs: int = Field(3, ge=2)
-    min_chars: int = Field(0, ge=0)
+    mode: Mode = Field("off", description="off, line (split on newlines) or paragraph (split on blank lines)")
+    rule: Rule = Field("first_occurrence", description="first_occurrence (CCNet: keep it in the first document "
+                       "only) or boilerplate (remove it everywhere once in >= min_docs documents)")
+    min_docs: int = Field(3, ge=2, description="boilerplate rule: documents a segment must occur in")
+    min_chars: int = Field(0, ge=0, description="normalised segments shorter than this are exempt (exempt_short)")
     exempt_short: bool = True
-    min_doc_chars: int = Field(1, ge=0)
-    num_actors: int = Field(2, ge=1)
-    bloom: bool = False
+    min_doc_chars: int = Field(1, ge=0, description="a document left shorter is dropped as line_dedup_empty")
+    num_actors: int = Field(2, ge=1, description="count actors (each holds 1/N of the distinct hashes)")
+    bloom: bool = Field(False, description="screen through a Bloom filter first: less memory, same output")
     bloom_fp_rate: float = Field(0.001, gt=0.0, lt=1.0)
 
     @property

@@ -30,11 +30,9 @@ from dataprep.filter.fasttext_models import (
     default_toxicity_path,
 )
 from dataprep.filter.rules import HEURISTIC_RULES, RuleOutcome, RuleParams
-from dataprep.ingest.documents import DATA_DIR
 from dataprep.shards import publish_table
-from dataprep.stage import ConfigLocation, StageDir
+from dataprep.stage import DATA_DIR, REMOVED_DIR, ConfigLocation, StageDir
 
-REMOVED_DIR = "removed"
 _SENTENCE = re.compile(r"[^.!?。！？\n]+(?:[.!?。！？]+|$)")
 
 

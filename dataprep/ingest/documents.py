@@ -21,11 +21,18 @@ from dataprep.ingest.charset import decode_html, decode_utf8_text
 from dataprep.ingest.extract import ExtractorName, get_extractor
 from dataprep.ingest.readers import FieldMap, RawRecord, open_records
 from dataprep.shards import publish_table, read_shard_meta
-from dataprep.stage import ConfigLocation, FaultPlan, StageConfig, StageDir, merge_counts, shard_name
+from dataprep.stage import (
+    DATA_DIR,
+    QUARANTINE_DIR,
+    ConfigLocation,
+    FaultPlan,
+    StageConfig,
+    StageDir,
+    merge_counts,
+    shard_name,
+)
 
 CODE_VERSION = "ingest-1"
-DATA_DIR = "data"
-QUARANTINE_DIR = "quarantine"
 SKIPPED_RECORD_TYPES = ("warcinfo", "request", "metadata", "revisit", "continuation")
 PAYLOAD_SAMPLE_BYTES = 1024
 

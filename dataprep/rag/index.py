@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from dataprep.rag.chunking import ChunkConfig
-from dataprep.rag.storage import atomic_directory, atomic_write_with
+from dataprep.shards import atomic_directory, atomic_write_with
 
 Kind = Literal["flat", "hnsw", "ivf"]
 META_FILE = "meta.json"

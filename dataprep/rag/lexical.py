@@ -16,7 +16,7 @@ from pathlib import Path
 import bm25s
 import numpy as np
 
-from dataprep.rag.storage import atomic_directory
+from dataprep.shards import atomic_directory
 
 LEXICAL_FORMAT_VERSION = 1
 _META_FILE = "lexical.json"

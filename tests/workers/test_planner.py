@@ -44,3 +44,13 @@ def test_activation_formula_small_case() -> None:
 def test_unknown_gpu_is_an_error() -> None:
     with pytest.raises(ValueError, match="gpu 'TPU'"):
         plan(PlanInputs(PRESETS["tiny"], gpu="TPU"))
+
+
+def test_planner_does_not_import_torch_or_the_training_loop() -> None:
+    """`forgeline plan` answers instantly on a laptop without torch: the planner reads shapes and FLOP tables only."""
+    import subprocess
+    import sys
+
+    probe = "import sys, workers.planner; print(sorted(m for m in ('torch', 'workers.pretrain') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -1,0 +1,62 @@
+"""Benchmark bookkeeping: every run's metrics appended to `benchmarks/results/NAME.jsonl` with the date, the
+commit and the machine, and printed as the script's last line; medians with min-max over repeated runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def spread(values: Sequence[float], digits: int = 1) -> dict[str, Any]:
+    """The headline of repeated measurements: median, with min and max beside it."""
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits), "runs": len(values)}
+
+
+def commit() -> str:
+    """The checked-out commit, `-dirty` when the tree has uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, memory and Python: enough to tell runs on different machines apart."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        memory_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemTotal"))
+    except (OSError, StopIteration):
+        memory_kb = 0
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory_kb / 2**20, 1),
+            "python": platform.python_version()}
+
+
+def record(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Append this run to `results/<name>.jsonl` and print it as the last line."""
+    line = {"benchmark": name, "metrics": metrics, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "commit": commit(), "machine": machine()}
+    RESULTS_DIR.mkdir(exist_ok=True)
+    with open(RESULTS_DIR / f"{name}.jsonl", "a") as handle:
+        handle.write(json.dumps(line) + "\n")
+    print(json.dumps(line), flush=True)
+    return line
