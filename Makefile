@@ -25,6 +25,7 @@ sample: $(STAMP)
 
 demo: sample
 	$(BIN)/forgeline run configs/demo.yaml
+	$(BIN)/forgeline rag configs/demo.yaml --eval
 	$(BIN)/forgeline serve configs/demo.yaml --once --port 8765
 
 lint: $(STAMP)

@@ -68,7 +68,8 @@ def _report(results: dict[str, Any]) -> None:
     typer.echo("Prefect UI: `make ui`, then http://127.0.0.1:4200 (flow runs and their stats artifacts)")
 
 
-def _run_pipeline(config: Path, until: str | None, address: str | None, local: bool, dry_run: bool) -> None:
+def _run_pipeline(config: Path, until: str | None, address: str | None, local: bool, dry_run: bool
+                  ) -> tuple[RunConfig, dict[str, Any]]:
     """The one path behind `run` and every stage command: plan (dry run) or run up to `until`."""
     from flows.pipeline import format_plan, pipeline_flow, plan_pipeline, stages_until
 
@@ -76,8 +77,10 @@ def _run_pipeline(config: Path, until: str | None, address: str | None, local: b
     _run(stages_until, until)
     if dry_run:
         typer.echo(format_plan(_run(plan_pipeline, cfg, until)))
-        return
-    _report(_run(pipeline_flow, cfg, until))
+        return cfg, {}
+    results = _run(pipeline_flow, cfg, until)
+    _report(results)
+    return cfg, results
 
 
 @app.command()
@@ -112,6 +115,25 @@ def _stage_command(stage: str) -> Any:
 
 for _stage in STAGE_HELP:
     app.command(name=_stage)(_stage_command(_stage))
+
+
+@app.command(name="rag")
+def rag_command(
+    config: ConfigArg,
+    evaluate: Annotated[bool, typer.Option("--eval", help="then score retrieval on questions taken from the "
+                                           "chunks: hit@1/5/10 and MRR of dense, BM25 and hybrid")] = False,
+    address: AddressOpt = None,
+    local: LocalOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Chunk, embed (Ray actors) and index (FAISS + BM25) the filtered documents (runs earlier stages if needed)."""
+    from flows.rag import rag_eval_flow
+
+    cfg, results = _run_pipeline(config, "rag", address, local, dry_run)
+    if evaluate and results:
+        scored = _run(rag_eval_flow, cfg, results["rag"]["path"])
+        typer.echo(f"retrieval ({scored['path']}/results.json, plot {scored['path']}/retrieval.png):")
+        typer.echo("\n".join("  " + line for line in scored["table"].splitlines()))
 
 
 @app.command()

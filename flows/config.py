@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from dataprep.dedup.documents import DedupConfig
 from dataprep.filter.config import FilterConfig
 from dataprep.ingest.documents import IngestConfig
+from dataprep.rag.config import RagConfig
 from dataprep.stage import ConfigPath, StageConfig
 from dataprep.tokenize.tokenizer import TokenizeConfig
 from workers.train_config import PretrainConfig
@@ -72,6 +73,7 @@ class RunConfig(StageConfig):
     tokenize: TokenizeConfig = TokenizeConfig()
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    rag: RagConfig = RagConfig()
 
     @field_validator("name")
     @classmethod
@@ -90,7 +92,7 @@ class RunConfig(StageConfig):
         return self
 
 
-STAGES: tuple[str, ...] = ("ingest", "dedup", "filter", "tokenize", "pretrain", "evaluate")
+STAGES: tuple[str, ...] = ("ingest", "dedup", "filter", "tokenize", "pretrain", "evaluate", "rag")
 
 
 def _format_errors(source: str, error: ValidationError) -> str:

@@ -22,29 +22,37 @@ from flows.evaluate import EvaluateStage, evaluate_flow
 from flows.filter import FILTER, filter_flow
 from flows.ingest import INGEST, ingest_flow
 from flows.pretrain import PRETRAIN, pretrain_flow
-from flows.stage import NotYetKnown, StageResult, StageSpec, address
+from flows.rag import RAG, rag_flow
+from flows.stage import NotYetKnown, StageResult, StageSpec, address, latest_complete
 from flows.tokenize import TOKENIZE, tokenize_flow
 
 SPECS: dict[str, StageSpec] = {"ingest": INGEST, "dedup": DEDUP, "filter": FILTER, "tokenize": TOKENIZE,
-                               "pretrain": PRETRAIN, "evaluate": EvaluateStage()}
-FLOWS: dict[str, Any] = {"ingest": ingest_flow, "dedup": dedup_flow, "filter": filter_flow,
-                         "tokenize": tokenize_flow, "pretrain": pretrain_flow, "evaluate": evaluate_flow}
+                               "pretrain": PRETRAIN, "evaluate": EvaluateStage(), "rag": RAG}
+FLOWS: dict[str, Any] = {"ingest": ingest_flow, "dedup": dedup_flow, "filter": filter_flow, "tokenize": tokenize_flow,
+                         "pretrain": pretrain_flow, "evaluate": evaluate_flow, "rag": rag_flow}
 assert tuple(SPECS) == STAGES == tuple(FLOWS)
 
 
-def stages_until(until: str | None) -> tuple[str, ...]:
-    """The stages to run, in order, stopping after `until` (all when None)."""
+def stages_until(until: str | None, config: RunConfig | None = None) -> tuple[str, ...]:
+    """The stages to run, in order: `until` and the stages it depends on (every enabled stage when None).
+
+    With `until` None, `rag` runs only when `rag.enabled`; naming it runs it regardless."""
     if until is None:
-        return STAGES
+        return tuple(name for name in STAGES if name != "rag" or config is None or config.rag.enabled)
     if until not in STAGES:
         raise ValueError(f"--until {until!r}: choose one of {', '.join(STAGES)}")
-    return STAGES[: STAGES.index(until) + 1]
+    needed: set[str] = set()
+    name: str | None = until
+    while name is not None:
+        needed.add(name)
+        name = SPECS[name].upstream
+    return tuple(name for name in STAGES if name in needed)
 
 
 @flow(name="forgeline-run", log_prints=True)
 def pipeline_flow(config: RunConfig, until: str | None = None) -> dict[str, StageResult]:
     """Run the pipeline's stages as subflows; returns each stage's output path and stats."""
-    selected = stages_until(until)
+    selected = stages_until(until, config)
     get_run_logger().info("stages: %s", ", ".join(selected))
     results: dict[str, StageResult] = {}
     for name in selected:
@@ -79,15 +87,6 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
             flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
         return flat
     return {prefix: value}
-
-
-def _latest_complete(run_dir: Path, stage: str) -> dict[str, Any] | None:
-    """The manifest of the most recently published output of `stage` in `run_dir`, if any."""
-    done = [StageDir(p) for p in run_dir.glob(f"{stage}-*") if StageDir(p).is_complete()]
-    if not done:
-        return None
-    latest = max(done, key=lambda s: (s.path / "_SUCCESS").stat().st_mtime)
-    return latest.read_manifest()
 
 
 def _input_changes(old: list[str], new: list[str]) -> list[str]:
@@ -143,14 +142,14 @@ def plan_stage(spec: StageSpec, config: RunConfig, upstream: PlannedStage | None
     elif target.stage.path.is_dir():
         planned.action, planned.reason = "resume", "an unfinished attempt exists; finished work is kept"
     else:
-        planned.reason = change_reason(spec.name, target.material, _latest_complete(config.run_dir, spec.name))
+        planned.reason = change_reason(spec.name, target.material, latest_complete(config.run_dir, spec.name))
     return planned
 
 
 def plan_pipeline(config: RunConfig, until: str | None = None) -> list[PlannedStage]:
     """Every selected stage's plan, in order; computes nothing and writes nothing."""
     plans: dict[str, PlannedStage] = {}
-    for name in stages_until(until):
+    for name in stages_until(until, config):
         spec = SPECS[name]
         plans[name] = plan_stage(spec, config, plans[spec.upstream] if spec.upstream else None)
     return list(plans.values())

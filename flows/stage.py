@@ -161,6 +161,14 @@ def complete_upstream(path: str | None, spec: StageSpec) -> StageDir | None:
     return upstream
 
 
+def latest_complete(run_dir: Path, stage: str, exclude: Path | None = None) -> dict[str, Any] | None:
+    """The manifest of the most recently published output of `stage` in `run_dir` (other than `exclude`)."""
+    done = [StageDir(p) for p in Path(run_dir).glob(f"{stage}-*") if StageDir(p).is_complete() and p != exclude]
+    if not done:
+        return None
+    return max(done, key=lambda s: (s.path / "_SUCCESS").stat().st_mtime).read_manifest()
+
+
 def timings(started: float) -> dict[str, Any]:
     """The manifest's `timings` block for a stage that started at `started` (epoch seconds)."""
     return {"started_at": datetime.fromtimestamp(started, UTC).isoformat(),

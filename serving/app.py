@@ -31,14 +31,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from tokenizers import Tokenizer
 
+from dataprep.errors import FieldError
+from dataprep.rag.embedding import DEFAULT_MODEL
+from dataprep.rag.prompt import PromptBudgetError, PromptPlan, RetrievedChunk, build_prompt
 from serving.engine import Engine
 from serving.engine import Request as EngineRequest
 from serving.openai_api import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     chat_params,
     completion_logprobs,
@@ -47,7 +51,9 @@ from serving.openai_api import (
     prompts_of,
     render_chat,
     response_body,
+    stops,
 )
+from serving.rag import RagCompletionRequest, RetrievalOptions, RetrieveRequest, RetrieverServer
 from serving.sampling import RequestError, SamplingParams
 
 API_KEY_ENV = "FORGELINE_API_KEY"
@@ -72,6 +78,11 @@ class ServeArgs(BaseModel):
     access_log: bool = True
     log_level: str = "INFO"
     api_key: str | None = Field(None, description=f"default: ${API_KEY_ENV}; none = no authentication")
+    rag: str | None = Field(None, description="a rag stage directory: /v1/retrieve, /v1/rag/completions and chat "
+                            "`retrieval` (none: those answer 400)")
+    rag_embedding_model: str | None = Field(None, description="the model the index was built with (default MiniLM)")
+    rag_max_k: int = Field(20, ge=1, description="the most chunks one request may ask for")
+    retriever_replicas: int = Field(1, ge=1)
 
 
 def _settle(future: "asyncio.Future[Any]", kind: str, payload: Any) -> None:
@@ -197,8 +208,8 @@ def chat_chunk(index: int, event: dict[str, Any], first: bool) -> dict[str, Any]
 class OpenAIIngress:
     """The HTTP API over the engine deployment: OpenAI-compatible routes, auth, metrics."""
 
-    def __init__(self, engine: Any, args: ServeArgs) -> None:
-        self.engine, self.args = engine, args
+    def __init__(self, engine: Any, args: ServeArgs, retriever: Any = None) -> None:
+        self.engine, self.args, self.retriever = engine, args, retriever
         self.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         self.registry = CollectorRegistry()
         self.requests_total = Counter("forgeline_requests_total", "HTTP requests", ["endpoint", "status"],
@@ -216,7 +227,8 @@ class OpenAIIngress:
             ("GET", "/tokenizer_info", self.tokenizer_info), ("POST", "/tokenize", self.tokenize),
             ("POST", "/detokenize", self.detokenize), ("GET", "/engine_stats", self.engine_stats),
             ("GET", "/metrics", self.metrics), ("POST", "/v1/completions", self.completions),
-            ("POST", "/v1/chat/completions", self.chat)]
+            ("POST", "/v1/chat/completions", self.chat), ("POST", "/v1/retrieve", self.retrieve),
+            ("POST", "/v1/rag/completions", self.rag_completions)]
         for method, path, endpoint in routes:
             app.add_api_route(path, endpoint, methods=[method])
         return app
@@ -267,14 +279,19 @@ class OpenAIIngress:
         return None
 
     def failure(self, error: Exception) -> JSONResponse:
-        if isinstance(error, RequestError):
-            return api_error(400, str(error), error.param)
+        """An OpenAI-style error body: 400 naming the field for a bad request (raised here or in a replica)."""
+        cause = getattr(error, "cause", None) or error
+        if isinstance(cause, FieldError):
+            return api_error(400, str(cause), cause.param)
+        if isinstance(cause, PromptBudgetError):
+            return api_error(400, str(cause), "question")
+        if isinstance(cause, ValidationError):  # a nested object of the request (chat `retrieval`)
+            first = cause.errors()[0]
+            param = ".".join(str(p) for p in first.get("loc", ())) or None
+            return api_error(400, f"{param}: {first.get('msg')}", param)
         if isinstance(error, asyncio.TimeoutError | TimeoutError):
             return api_error(408, f"request exceeded the {self.args.request_timeout_s:.0f} s timeout", None,
                              "timeout")
-        cause = getattr(error, "cause", None)
-        if isinstance(cause, RequestError):
-            return api_error(400, str(cause), cause.param)
         return api_error(500, f"internal error: {type(error).__name__}: {error}", None, "server_error")
 
     async def validate(self, jobs: list[Job]) -> None:
@@ -348,6 +365,63 @@ class OpenAIIngress:
         except Exception as error:
             return self.failure(error)
 
+    # ---- retrieval
+    def no_index(self) -> JSONResponse | None:
+        if self.retriever is None:
+            return api_error(400, "this server has no rag index: start it with a rag stage (ServeArgs.rag, "
+                             "`forgeline serve --rag`)", "model")
+        return None
+
+    async def grounded_prompt(self, question: str, options: RetrievalOptions, max_tokens: int,
+                              history: list[ChatMessage] | None = None) -> tuple[list[int], PromptPlan]:
+        """Retrieve for `question` and fit the sources into the context: prompt + max_tokens <= context, counted
+        on the final prompt (wrapped in the chat template after `history` when chatting)."""
+        found = await self.retriever.search.remote(question, options.k, options.mode)
+        chunks = [RetrievedChunk(c["chunk_id"], c["doc_id"], c["text"], c["score"], c["url"], c["start_char"],
+                                 c["end_char"]) for c in found]
+        details = await self.info()
+        tokenizer = details["tokenizer"]
+
+        def wrap(prompt: str) -> str:
+            return prompt if history is None else render_chat([*history, ChatMessage(role="user", content=prompt)])
+
+        def count(prompt: str) -> int:
+            return len(tokenizer.encode(wrap(prompt), add_special_tokens=False).ids)
+
+        plan = build_prompt(question, chunks, count, details["max_model_len"], max_tokens, options.instructions)
+        return await self.encode(wrap(plan.prompt)), plan
+
+    @staticmethod
+    def sources(plan: PromptPlan) -> dict[str, Any]:
+        return {"sources": [source.__dict__ for source in plan.used],
+                "dropped": [{"chunk_id": chunk, "reason": reason} for chunk, reason in plan.dropped]}
+
+    async def retrieve(self, body: RetrieveRequest) -> Any:
+        if (missing := self.no_index()) is not None:
+            return missing
+        try:
+            chunks = await self.retriever.search.remote(body.query, body.k, body.mode)
+        except Exception as error:
+            return self.failure(error)
+        return {"object": "list", "data": chunks}
+
+    async def rag_completions(self, body: RagCompletionRequest) -> Any:
+        if (bad := self.unknown_model(body.model) or self.no_index()) is not None:
+            return bad
+        try:
+            options = RetrievalOptions(k=body.k, mode=body.mode, instructions=body.instructions)
+            prompt_ids, plan = await self.grounded_prompt(body.question, options, body.max_tokens)
+            params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                    seed=body.seed, stop=stops(body.stop))
+            await self.validate([(prompt_ids, params)])
+            (result,) = await self.run_jobs([(prompt_ids, params)])
+        except Exception as error:
+            return self.failure(error)
+        choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}
+        body_out = response_body("completion", self.args.name, [choice], result["prompt_tokens"],
+                                 result["completion_tokens"])
+        return {**body_out, **self.sources(plan)}
+
     # ---- routes
     async def health(self) -> dict[str, Any]:
         details = await self.info()
@@ -413,7 +487,20 @@ class OpenAIIngress:
         if (bad := self.unknown_model(body.model)) is not None:
             return bad
         details = await self.info()
-        prompt_ids = await self.encode(render_chat(body.messages))
+        grounding: dict[str, Any] = {}
+        if body.retrieval is not None:  # answer the last user message from retrieved, numbered sources
+            if (missing := self.no_index()) is not None:
+                return missing
+            *history, last = body.messages
+            budget = body.max_completion_tokens or body.max_tokens or 64
+            try:
+                prompt_ids, plan = await self.grounded_prompt(last.content, RetrievalOptions.model_validate(
+                    body.retrieval), budget, history)
+            except Exception as error:
+                return self.failure(error)
+            grounding = self.sources(plan)
+        else:
+            prompt_ids = await self.encode(render_chat(body.messages))
         jobs: list[Job] = [(prompt_ids, chat_params(body, i, details["max_model_len"], len(prompt_ids)))
                            for i in range(body.n)]
 
@@ -428,8 +515,8 @@ class OpenAIIngress:
                          "top_logprobs": [{"token": t, "logprob": lp} for _, t, lp in e["top"]]}
                         for e in result["logprobs"]]}
                 choices.append(choice)
-            return response_body("chat", self.args.name, choices, len(prompt_ids),
-                                 sum(r["completion_tokens"] for r in results))
+            return {**response_body("chat", self.args.name, choices, len(prompt_ids),
+                                    sum(r["completion_tokens"] for r in results)), **grounding}
 
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         form = StreamFormat("chatcmpl", "chat.completion.chunk", chat_chunk, include_usage)
@@ -451,6 +538,13 @@ def app_builder(args: ServeArgs) -> Any:
         autoscaling_config={"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": 16},
         health_check_period_s=10, ray_actor_options={"num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
     ).bind(str(Path(args.model).resolve()), args.name, args.max_batch, args.dtype)  # type: ignore[attr-defined]
+    retriever = None
+    if args.rag is not None:
+        retriever = serve.deployment(
+            RetrieverServer, name="retriever", num_replicas=args.retriever_replicas, logging_config=logging,
+            ray_actor_options={"num_cpus": 0},
+        ).bind(str(Path(args.rag).resolve()), args.rag_embedding_model or DEFAULT_MODEL, None,  # type: ignore[attr-defined]
+               args.rag_max_k)
     ingress = serve.deployment(OpenAIIngress, name="ingress", max_ongoing_requests=256,
                                ray_actor_options={"num_cpus": 0}, logging_config=logging)
-    return ingress.bind(engine, args)  # type: ignore[attr-defined]
+    return ingress.bind(engine, args, retriever)  # type: ignore[attr-defined]

@@ -65,6 +65,8 @@ class ChatCompletionRequest(OpenAIModel):
     top_logprobs: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = Field(None, description="{'include_usage': true}: a usage chunk")
+    retrieval: dict[str, Any] | None = Field(None, description="{'k': 5, 'mode': 'hybrid'}: answer the last user "
+                                             "message from retrieved sources (a server started with a rag index)")
 
 
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",

@@ -6,13 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dataprep.errors import FieldError
 
-class RequestError(ValueError):
+
+class RequestError(FieldError):
     """A request parameter is out of range; `param` names it (HTTP 400)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)

@@ -24,3 +24,15 @@ def test_bad_arguments_name_the_field(args: dict[str, object], field: str) -> No
     with pytest.raises(ValidationError) as caught:
         app_builder(args)  # type: ignore[arg-type]  (a mapping, as `serve run` passes before validation)
     assert [error["loc"][0] for error in caught.value.errors()] == [field]
+
+
+def test_field_errors_survive_pickling_with_their_field() -> None:
+    """A replica's bad-request error crosses Ray as itself (a 400 naming the field), not as a 500."""
+    import pickle
+
+    from dataprep.rag.retriever import RetrievalError
+    from serving.sampling import RequestError
+
+    for error in (RequestError("prompt", "the prompt is empty"), RetrievalError("k", "k must be at least 1")):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and again.param == error.param and str(again) == str(error)

@@ -1,0 +1,86 @@
+"""Query a rag stage's output: dense (FAISS), lexical (BM25) or hybrid (reciprocal rank fusion) retrieval.
+
+`Retriever(stage_dir, model_path)` loads the index, the BM25 index and the chunk table once; loading with an
+embedding model other than the one the index was built with is an `IndexMismatchError` naming both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from dataprep.errors import FieldError
+from dataprep.rag.embedding import encode, load_encoder, model_fingerprint
+from dataprep.rag.index import ShardedIndex, check_compatible
+from dataprep.rag.lexical import BM25Index, reciprocal_rank_fusion
+from dataprep.rag.prompt import RetrievedChunk
+
+Mode = Literal["dense", "bm25", "hybrid"]
+CHUNKS_DIR = "chunks"
+EMBEDDINGS_DIR = "embeddings"
+INDEX_DIR = "index"
+BM25_DIR = "bm25"
+RRF_K = 60
+
+
+class RetrievalError(FieldError):
+    """A query the retriever refuses, naming the field (`param`)."""
+
+
+class Retriever:
+    """Ranked chunks for a query; `search` is safe to call from one thread at a time."""
+
+    def __init__(self, stage_dir: Path, model_path: str, model_name: str | None = None, max_k: int = 50) -> None:
+        stage_dir = Path(stage_dir)
+        if not (stage_dir / INDEX_DIR).is_dir():
+            raise FileNotFoundError(f"{stage_dir}: no {INDEX_DIR}/ (not a complete rag stage)")
+        self.index, self.meta = ShardedIndex.load(stage_dir / INDEX_DIR)
+        check_compatible(self.meta, model_name or model_path, model_fingerprint(model_path), self.meta.dim)
+        self.encoder = load_encoder(model_path)
+        self.bm25 = BM25Index.load(stage_dir / BM25_DIR)
+        table = pq.read_table(stage_dir / CHUNKS_DIR)
+        self.rows = {int(row["row_id"]): row for row in table.to_pylist()}
+        self.max_k = max_k
+
+    def _check(self, query: str, k: int) -> None:
+        if not isinstance(query, str) or not query.strip():
+            raise RetrievalError("query", "the query is empty")
+        if not 1 <= k <= self.max_k:
+            raise RetrievalError("k", f"k must be between 1 and {self.max_k}, got {k}")
+
+    def dense(self, query: str, k: int) -> list[tuple[int, float]]:
+        scores, ids = self.index.search(encode(self.encoder, [query]), k)
+        return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+
+    def lexical(self, query: str, k: int) -> list[tuple[int, float]]:
+        scores, ids = self.bm25.search(query, k)
+        return [(int(i), float(s)) for s, i in zip(scores, ids, strict=True)]
+
+    def ranked(self, query: str, k: int, mode: Mode = "hybrid") -> list[tuple[int, float]]:
+        """(row id, score) best first; hybrid fuses the dense and BM25 top-k with reciprocal rank fusion."""
+        self._check(query, k)
+        if mode == "dense":
+            return self.dense(query, k)
+        if mode == "bm25":
+            return self.lexical(query, k)
+        if mode != "hybrid":
+            raise RetrievalError("mode", f"mode must be dense, bm25 or hybrid, not {mode!r}")
+        rankings = [[i for i, _ in self.dense(query, k)], [i for i, _ in self.lexical(query, k)]]
+        return [(int(i), float(s)) for i, s in reciprocal_rank_fusion(rankings, RRF_K, k)]
+
+    def search(self, query: str, k: int, mode: Mode = "hybrid") -> list[RetrievedChunk]:
+        """The top-k chunks with their scores, sources and character offsets."""
+        return [self.chunk(row_id, score) for row_id, score in self.ranked(query, k, mode)]
+
+    def chunk(self, row_id: int, score: float) -> RetrievedChunk:
+        row = self.rows[row_id]
+        return RetrievedChunk(row["chunk_id"], row["doc_id"], row["text"], score, row["url"], row["start_char"],
+                              row["end_char"])
+
+    def texts(self) -> tuple[list[str], np.ndarray]:
+        """Every chunk's text and row id (for evaluation)."""
+        ids = np.array(sorted(self.rows), dtype=np.int64)
+        return [self.rows[int(i)]["text"] for i in ids], ids
