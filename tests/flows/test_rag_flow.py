@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 def _config(run_dir: Path, **rag: Any) -> RunConfig:
     return parse_config({"run_dir": str(run_dir), "ray": {"num_cpus": 2}, "ingest": {"inputs": ["unused"]},
-                         "rag": {"num_actors": 2, "chunk": {"max_tokens": 96, "overlap_tokens": 16},
+                         "rag": {"num_actors": 2, "chunk": {"max_tokens": 128, "overlap_tokens": 16},
                                  "index": {"shards": 2}, **rag}})
 
 
@@ -32,12 +32,12 @@ def built(tmp_path_factory: pytest.TempPathFactory, prefect_server: None, ray_lo
     from flows.rag import rag_flow
 
     root = tmp_path_factory.mktemp("rag")
-    documents = reference_documents(60)
-    small = write_corpus_stage(root / "filter-small", documents[:40])
+    documents = reference_documents(45)
+    small = write_corpus_stage(root / "filter-small", documents[:30])
     full = write_corpus_stage(root / "filter-full", documents)
     config = _config(root / "run")
     first = rag_flow(config, str(small))
-    grown = rag_flow(config, str(full))  # the corpus gained 20 documents: incremental
+    grown = rag_flow(config, str(full))  # the corpus gained 15 documents: incremental
     scratch = rag_flow(_config(root / "scratch"), str(full))  # the same corpus from nothing
     return {"root": root, "config": config, "first": first, "grown": grown, "scratch": scratch, "full": full}
 
