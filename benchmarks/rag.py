@@ -44,8 +44,15 @@
    so both go through `ShardedIndex.search` and its merge: recall@10 of each, p50/p99, and p50 sharded / p50
    single.
 
+4. End to end on the demo run (`--end-to-end`, after `make demo`): hit@1/5/10 and MRR of dense, BM25 and
+   hybrid retrieval on `--questions` sentences taken from the demo's chunks (as `forgeline rag --eval`); then
+   the real Serve app (engine + retriever + ingress) on loopback: `--latency-requests` pairs of a
+   `/v1/rag/completions` (k 3, 16 new tokens, ignore_eos) and a plain `/v1/completions` of the very prompt
+   the rag endpoint builds (rebuilt here with the same library, tokenizer and budget), timed per request after
+   one warm-up pair; the added latency is rag minus plain per pair (goal: p50 <= 20 ms).
+
     .venv/bin/python benchmarks/rag.py [--vectors 200000] [--queries 1000] [--chunks 2000] [--repeat 3]
-                                       [--skip-embedding] [--skip-index]
+                                       [--skip-embedding] [--skip-index] [--end-to-end]
 
 The documented large run is `--vectors 1000000` (index part only: add `--skip-embedding`). Last line:
 {"benchmark": "rag", "metrics": {...}}, also appended to benchmarks/results/rag.jsonl.
@@ -55,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -325,6 +333,82 @@ def index_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 4. end to end on the demo corpus
+
+
+def end_to_end_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Retrieval quality of each method on the demo corpus, and the latency /v1/rag/completions adds over a
+    plain completion of the same prompt, through the real Serve app (engine + retriever + ingress)."""
+    import httpx
+    from ray import serve
+
+    from dataprep.rag.prompt import RetrievedChunk, build_prompt
+    from dataprep.rag.retrieval_eval import build_questions, evaluation_rows, hybrid_rankings
+    from dataprep.rag.retriever import Retriever
+    from serving.app import ServeArgs, app_builder
+    from workers.ray_runtime import init_ray
+
+    rag_dir, model_dir = latest_stage(args.run_dir, "rag"), latest_stage(args.run_dir, "pretrain")
+    retriever = Retriever(rag_dir, DEFAULT_MODEL, max_k=K)
+    texts, ids = retriever.texts()
+    questions = build_questions(texts, ids.tolist(), args.questions, seed=0)
+    dense = [[i for i, _ in retriever.ranked(q.question, K, "dense")] for q in questions]
+    lexical = [[i for i, _ in retriever.ranked(q.question, K, "bm25")] for q in questions]
+    rows = evaluation_rows({"dense": dense, "bm25": lexical, "hybrid": hybrid_rankings(dense, lexical, top=K)},
+                           [q.target_id for q in questions])
+    result: dict[str, Any] = {"rag_stage": rag_dir.name, "questions": len(questions),
+                              "retrieval": {row["method"]: row for row in rows}}
+    init_ray(None, temp_dir=Path(tempfile.gettempdir()) / "fl-bench-ray", num_cpus=CPUS)
+    port = 8791
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_builder(ServeArgs(model=str(model_dir), name="bench", rag=str(rag_dir), rag_max_k=K)),
+              name="bench", route_prefix="/")
+    from tokenizers import Tokenizer
+
+    served = Tokenizer.from_file(str(model_dir / "hf" / "tokenizer.json"))  # the served model's tokenizer
+    context = json.loads((model_dir / "hf" / "config.json").read_text())["max_position_embeddings"]
+
+    def counter(text: str) -> int:
+        return len(served.encode(text, add_special_tokens=False).ids)
+
+    base, k, new_tokens = f"http://127.0.0.1:{port}", 3, 16
+    rag_ms, plain_ms = [], []
+    with httpx.Client(base_url=base, timeout=120) as client:
+        for number, question in enumerate(questions[: args.latency_requests + 1]):
+            chunks = [RetrievedChunk(c.chunk_id, c.doc_id, c.text, c.score, c.url, c.start_char, c.end_char)
+                      for c in retriever.search(question.question, k, "hybrid")]
+            plan = build_prompt(question.question, chunks, counter, context, new_tokens)
+            runs = []
+            for path, payload in (("/v1/rag/completions", {"model": "bench", "question": question.question, "k": k,
+                                                            "max_tokens": new_tokens, "ignore_eos": True}),
+                                  ("/v1/completions", {"model": "bench", "prompt": plan.prompt,
+                                                       "max_tokens": new_tokens, "temperature": 0,
+                                                       "ignore_eos": True})):
+                started = time.perf_counter()
+                answer = client.post(path, json=payload)
+                runs.append((time.perf_counter() - started) * 1000)
+                answer.raise_for_status()
+            if number:  # the first pair warms both paths up
+                rag_ms.append(runs[0])
+                plain_ms.append(runs[1])
+    serve.shutdown()
+    added = [r - p for r, p in zip(rag_ms, plain_ms, strict=True)]
+    result["latency_ms"] = {"rag_completion": spread(rag_ms, 1), "plain_completion": spread(plain_ms, 1),
+                            "added_by_rag_per_request": spread(added, 1), "added_p50_goal_ms": 20.0,
+                            "new_tokens": new_tokens, "k": k}
+    return result
+
+
+def latest_stage(run_dir: Path, stage: str) -> Path:
+    """The most recently completed `<stage>-<hash>` of a run (e.g. the demo's)."""
+    done = sorted((p for p in Path(run_dir).glob(f"{stage}-*") if (p / "_SUCCESS").is_file()),
+                  key=lambda p: (p / "_SUCCESS").stat().st_mtime)
+    if not done:
+        raise SystemExit(f"no complete {stage} stage in {run_dir}: run `make demo` first")
+    return done[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vectors", type=int, default=200_000)
@@ -337,6 +421,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-embedding", action="store_true")
     parser.add_argument("--skip-index", action="store_true")
+    parser.add_argument("--end-to-end", action="store_true", help="retrieval quality and served latency on the "
+                        "demo run (`make demo` first)")
+    parser.add_argument("--run-dir", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "demo")
+    parser.add_argument("--questions", type=int, default=200)
+    parser.add_argument("--latency-requests", type=int, default=30)
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     metrics: dict[str, Any] = {"cpus": CPUS, "repeat": args.repeat}
@@ -345,6 +434,8 @@ def main() -> None:
             metrics["embedding"] = embedding_benchmark(args, Path(tmp))
     if not args.skip_index:
         metrics["index"] = index_benchmark(args)
+    if args.end_to_end:
+        metrics["end_to_end"] = end_to_end_benchmark(args)
     record("rag", metrics)
 
 

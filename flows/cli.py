@@ -164,10 +164,20 @@ def serve(
     = None,
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     once: Annotated[bool, typer.Option("--once", help="answer one example request, then stop (the demo)")] = False,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (weights and KV cache)")] = "float32",
+    engine_cpus: Annotated[float, typer.Option(help="CPUs per engine replica")] = 1.0,
+    max_batch: Annotated[int, typer.Option(min=1, help="sequences decoded together per engine replica")] = 16,
+    replicas: Annotated[int, typer.Option(min=1, help="autoscale the engine up to this many replicas")] = 1,
+    timeout: Annotated[float, typer.Option(help="seconds before a request answers 408")] = 60.0,
+    rag: Annotated[bool, typer.Option("--rag", help="also serve retrieval over this run's rag index "
+                                      "(/v1/retrieve, /v1/rag/completions)")] = False,
     address: AddressOpt = None,
     local: LocalOpt = False,
 ) -> None:
-    """Serve the model with Ray Serve: OpenAI-compatible API on 127.0.0.1 (runs earlier stages if needed)."""
+    """Serve the model with Ray Serve: OpenAI-compatible API on 127.0.0.1 (runs earlier stages if needed).
+
+    Set FORGELINE_API_KEY to require `Authorization: Bearer <key>` on /v1/ routes."""
+    import signal
     import time
 
     from flows.deploy import deploy_flow
@@ -175,18 +185,26 @@ def serve(
 
     cfg = _load(config, address, local)
     target = model or Path(_run(pipeline_flow, cfg, "pretrain")["pretrain"]["path"])
-    result = _run(deploy_flow, cfg, str(target), port, True)
+    args: dict[str, Any] = {"model": str(target.resolve()), "dtype": dtype, "engine_cpus": engine_cpus,
+                            "max_batch": max_batch, "max_replicas": replicas, "request_timeout_s": timeout}
+    if rag:
+        args["rag"] = _run(pipeline_flow, cfg, "rag")["rag"]["path"]
+        args["rag_embedding_model"] = cfg.rag.model_path()
+    result = _run(deploy_flow, cfg, args, port, True)
     typer.echo(f"serving {target} at {result['url']} (OpenAI API: {result['url']}/v1, docs: {result['url']}/docs)")
     typer.echo(f"$ {result['curl']}")
     typer.echo(json.dumps(result["answer"], indent=2))
     if once:
         return
-    typer.echo("Ctrl-C to stop")
+    typer.echo("Ctrl-C (or SIGTERM) to stop")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM shuts down like Ctrl-C: no orphans
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        from ray import serve
+
+        serve.shutdown()
 
 
 @app.command()

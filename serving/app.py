@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenizers import Tokenizer
 
 from dataprep.errors import FieldError
@@ -222,6 +223,7 @@ class OpenAIIngress:
         app = FastAPI(title="forgeline", description="OpenAI-compatible completions over a forgeline model")
         app.middleware("http")(self.guard)
         app.add_exception_handler(RequestValidationError, self.invalid)  # type: ignore[arg-type]
+        app.add_exception_handler(StarletteHTTPException, self.http_error)  # type: ignore[arg-type]
         routes: list[tuple[str, str, Callable[..., Awaitable[Any]]]] = [
             ("GET", "/health", self.health), ("GET", "/v1/models", self.models),
             ("GET", "/tokenizer_info", self.tokenizer_info), ("POST", "/tokenize", self.tokenize),
@@ -248,6 +250,10 @@ class OpenAIIngress:
         self.requests_total.labels(path, str(response.status_code)).inc()
         self.latency.labels(path).observe(time.time() - started)
         return response
+
+    async def http_error(self, _: Request, error: StarletteHTTPException) -> JSONResponse:
+        """404, 405, ...: OpenAI-style bodies too."""
+        return api_error(error.status_code, str(error.detail), None, "invalid_request_error")
 
     async def invalid(self, _: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
@@ -297,7 +303,11 @@ class OpenAIIngress:
     async def validate(self, jobs: list[Job]) -> None:
         """Token ids in the vocabulary; prompt + max_tokens within the context (RequestError names the field)."""
         details = await self.info()
+        if not jobs:
+            raise RequestError("prompt", "no prompt given")
         for prompt, params in jobs:
+            if not prompt:
+                raise RequestError("prompt", "a prompt is empty")
             if isinstance(prompt, list):
                 if any(not 0 <= t < details["vocab_size"] for t in prompt):
                     raise RequestError("prompt", f"token ids must be in [0, {details['vocab_size']})")
@@ -412,7 +422,7 @@ class OpenAIIngress:
             options = RetrievalOptions(k=body.k, mode=body.mode, instructions=body.instructions)
             prompt_ids, plan = await self.grounded_prompt(body.question, options, body.max_tokens)
             params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                    seed=body.seed, stop=stops(body.stop))
+                                    seed=body.seed, stop=stops(body.stop), ignore_eos=body.ignore_eos)
             await self.validate([(prompt_ids, params)])
             (result,) = await self.run_jobs([(prompt_ids, params)])
         except Exception as error:
@@ -462,6 +472,8 @@ class OpenAIIngress:
     async def completions(self, body: CompletionRequest) -> Any:
         if (bad := self.unknown_model(body.model)) is not None:
             return bad
+        if body.use_beam_search and body.best_of is not None and body.best_of < body.n:
+            return api_error(400, f"best_of ({body.best_of}) must be at least n ({body.n})", "best_of")
         prompts = prompts_of(body.prompt)
         prompt_ids = [p if isinstance(p, list) else await self.encode(p) for p in prompts]
         jobs: list[Job] = [(ids, completion_params(body, i)) for ids in prompt_ids for i in range(body.n)]

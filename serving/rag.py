@@ -52,6 +52,7 @@ class RagCompletionRequest(BaseModel):
     top_p: float = 1.0
     seed: int | None = None
     stop: str | list[str] | None = None
+    ignore_eos: bool = False
 
 
 class RetrieverServer:

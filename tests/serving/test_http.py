@@ -172,6 +172,11 @@ def test_openai_client_unchanged(server: dict[str, str]) -> None:
     ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 4096}, "max_tokens"),
     ({"model": "tiny"}, "prompt"),
+    ({"model": "tiny", "prompt": ""}, "prompt"),
+    ({"model": "tiny", "prompt": []}, "prompt"),
+    ({"model": "tiny", "prompt": [[]]}, "prompt"),
+    ({"model": "tiny", "prompt": ["", "The"]}, "prompt"),
+    ({"model": "tiny", "prompt": "x", "n": 3, "use_beam_search": True, "best_of": 2}, "best_of"),
 ])
 def test_bad_requests_are_400_naming_the_field(client: httpx.Client, payload: dict, param: str) -> None:
     response = client.post("/v1/completions", json=payload)
@@ -187,6 +192,8 @@ def test_invalid_json_key_and_timeout(client: httpx.Client, server: dict[str, st
         slow = secured.post("/v1/completions", headers={"Authorization": "Bearer sekret"},
                             json={"model": "tiny", "prompt": "the", "max_tokens": 100, "ignore_eos": True})
         assert slow.status_code == 408, slow.text
+    wrong_method = client.get("/v1/completions")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
     assert client.get("/health").status_code == 200, "the replica survived every bad request"
 
 
