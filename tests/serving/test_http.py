@@ -158,9 +158,13 @@ def test_openai_client_unchanged(server: dict[str, str]) -> None:
     assert completion.choices[0].text and completion.usage.completion_tokens <= 4
     chat = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the cat?"}], max_tokens=5)
     assert chat.choices[0].message.role == "assistant"
-    streamed = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4,
-                                           stream=True)
-    assert any(chunk.choices and chunk.choices[0].delta.content for chunk in streamed) or True
+    whole = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=6,
+                                        temperature=0)
+    chunks = list(api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                              max_tokens=6, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed_text == whole.choices[0].message.content, "streaming gives the text a plain call gives"
     assert [m.id for m in api.models.list()] == ["tiny"]
 
 
