@@ -38,6 +38,7 @@ from dataprep.dedup.documents import (
 )
 from dataprep.dedup.minhash import MinHasher, char_shingles, normalise_text
 from dataprep.shards import publish_table
+from workers.ray_runtime import with_fresh_actors
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +179,13 @@ def _bucket_edges(sig_paths: list[Path], methods: list[str], num_actors: int) ->
     Actor state lives in memory only, so losing an actor (its node died) restarts this phase from the
     published signature shards with new actors; the result does not depend on where actors ran.
     """
-    for attempt in range(1, BUCKET_ATTEMPTS + 1):
-        actors = [BucketActor.remote() for _ in range(num_actors)]  # type: ignore[attr-defined]
-        try:
-            ray.get([route_task.remote(str(p), actors, methods) for p in sig_paths])
-            peak = max(ray.get([a.memory_bytes.remote() for a in actors]), default=0)
-            return {m: np.concatenate(ray.get([a.edges.remote(m) for a in actors])) for m in methods}, peak
-        except ray.exceptions.RayActorError as error:
-            if attempt == BUCKET_ATTEMPTS:
-                raise
-            log.warning("bucket actor lost (%s); redoing the bucketing phase (attempt %d)", error, attempt + 1)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
-    raise AssertionError("unreachable")
+    def bucket(actors: list[Any]) -> tuple[dict[str, np.ndarray], int]:
+        ray.get([route_task.remote(str(p), actors, methods) for p in sig_paths])
+        peak = max(ray.get([a.memory_bytes.remote() for a in actors]), default=0)
+        return {m: np.concatenate(ray.get([a.edges.remote(m) for a in actors])) for m in methods}, peak
+
+    return with_fresh_actors(lambda: [BucketActor.remote() for _ in range(num_actors)],  # type: ignore[attr-defined]
+                             bucket, BUCKET_ATTEMPTS, "dedup bucketing")
 
 
 def _chunks(array: np.ndarray, size: int) -> list[np.ndarray]:

@@ -43,6 +43,7 @@ from dataprep.dedup.lines import (
     sorted_member,
 )
 from dataprep.shards import publish_table
+from workers.ray_runtime import with_fresh_actors
 
 log = logging.getLogger(__name__)
 BATCH_PAIRS = 1 << 18
@@ -215,15 +216,18 @@ def remove_task(
     return stats
 
 
-def _count(work_paths: list[Path], capacities: np.ndarray, config: LineDedupConfig) -> list[Any]:
-    """Fresh actors holding the counts of every work file's pairs."""
-    actors = [LineCountActor.remote(config, int(capacities[i]))  # type: ignore[attr-defined]
-              for i in range(config.num_actors)]
+def _actors(capacities: np.ndarray, config: LineDedupConfig) -> list[Any]:
+    """Fresh count actors, one per partition."""
+    return [LineCountActor.remote(config, int(capacities[i]))  # type: ignore[attr-defined]
+            for i in range(config.num_actors)]
+
+
+def _route(work_paths: list[Path], actors: list[Any], config: LineDedupConfig) -> None:
+    """Every work file's pairs into the actors' counts (through their Bloom screens first with `bloom`)."""
     if config.bloom:
         ray.get([route_task.remote(str(p), actors, "screen") for p in work_paths])
         ray.get([actor.finish_screen.remote() for actor in actors])
     ray.get([route_task.remote(str(p), actors, "count") for p in work_paths])
-    return actors
 
 
 def _top(actors: list[Any], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -267,25 +271,18 @@ def _run_with_actors(
     started = time.perf_counter()
     work_paths, capacities = _hash_all(sources, work, tmp_dir, config)
     hashed = time.perf_counter()
-    for attempt in range(1, ATTEMPTS + 1):
-        actors: list[Any] = []
-        try:
-            counting = time.perf_counter()
-            actors = _count(work_paths, capacities, config)
-            summaries = ray.get([actor.summary.remote() for actor in actors])
-            top = _top(actors, TOP_SEGMENTS)
-            removing = time.perf_counter()
-            results = _remove(sources, out_data, out_removed, tmp_dir, config, actors, top[0])
-            seconds = {"hash": hashed - started, "count": removing - counting, "remove": time.perf_counter() - removing}
-            return results, summaries, top, seconds
-        except ray.exceptions.RayActorError as error:
-            if attempt == ATTEMPTS:
-                raise
-            log.warning("line count actor lost (%s); redoing counting and removal (attempt %d)", error, attempt + 1)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
-    raise AssertionError("unreachable")
+    def count_and_remove(actors: list[Any]) -> tuple[Any, ...]:
+        counting = time.perf_counter()
+        _route(work_paths, actors, config)
+        summaries = ray.get([actor.summary.remote() for actor in actors])
+        top = _top(actors, TOP_SEGMENTS)
+        removing = time.perf_counter()
+        results = _remove(sources, out_data, out_removed, tmp_dir, config, actors, top[0])
+        seconds = {"hash": hashed - started, "count": removing - counting, "remove": time.perf_counter() - removing}
+        return results, summaries, top, seconds
+
+    return with_fresh_actors(lambda: _actors(capacities, config), count_and_remove,
+                             ATTEMPTS, "line dedup counting")
 
 
 def run_line_dedup(

@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import ray
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Unix socket paths are limited to 107 bytes; Ray appends about 62 characters to its temp dir.
 MAX_TEMP_DIR_CHARS = 44
@@ -66,3 +69,22 @@ def init_ray(
             ray.init(address=address, configure_logging=False, log_to_driver=True)
     resources = ray.cluster_resources()
     return {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "cpus": resources.get("CPU", 0)}
+
+
+def with_fresh_actors(make: Callable[[], list[Any]], work: Callable[[list[Any]], T], attempts: int, phase: str) -> T:
+    """`work(actors)` on actors from `make()`; when an actor is lost (its node died) the phase is redone with fresh
+    actors, up to `attempts` times (actor state lives in memory only). The actors are killed afterwards."""
+    for attempt in range(1, attempts + 1):
+        actors: list[Any] = []
+        try:
+            actors = make()
+            return work(actors)
+        except ray.exceptions.RayActorError as error:
+            if attempt == attempts:
+                raise
+            log.warning("%s: an actor was lost (%s); redoing the phase with fresh actors (attempt %d)", phase, error,
+                        attempt + 1)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+    raise AssertionError("unreachable")
