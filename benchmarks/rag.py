@@ -7,7 +7,9 @@
    - baseline: `SentenceTransformer.encode(texts, batch_size=B, normalize_embeddings=True)` over all texts in
      one call, one process, `torch.set_num_threads(1)`; the model is loaded and one untimed warm-up pass run
      before the timed passes;
-   - ours: `ray.data.from_items(...).map_batches(Embedder, fn_constructor_kwargs={"model_path": DEFAULT_MODEL,
+   - ours, the rag stage's path: rows put in `batching_order` (longest first, as the stage does, so a batch
+     holds similar lengths as in `encode`'s own sorting), then
+     `ray.data.from_items(...).map_batches(Embedder, fn_constructor_kwargs={"model_path": DEFAULT_MODEL,
      "batch_size": B, "threads": 1}, batch_size=B, concurrency=N, num_cpus=1, batch_format="numpy")`,
      materialised, N = 1 and 2 actors (Ray started with 2 CPUs). Ray Data starts a fresh actor pool for every
      execution, so a warm-up execution cannot keep the actors (it only warms Ray and the page cache; one is
@@ -20,10 +22,8 @@
      `end_to_end_chunks_per_s` counts everything.
    Reported: chunks/s of each (median of `--repeat` runs, min-max beside; the runs interleave baseline, N=1
    and N=2 so load from elsewhere hits all three alike), pool N=1 / baseline (goal >= 0.9: pool overhead
-   <= 10 % per core), the N=1 -> N=2 scaling factor, the largest difference between pool and baseline
-   embeddings, and padded tokens of the pool's batches over the baseline's: `encode` sorts all its texts by
-   length before batching, the pool only within each B-chunk batch, so the pool pads more (a real cost of
-   streaming, part of the measured ratio). TOKENIZERS_PARALLELISM=false keeps the tokenizer on one thread.
+   <= 10 % per core), the N=1 -> N=2 scaling factor, and the largest difference between pool and baseline
+   embeddings. TOKENIZERS_PARALLELISM=false keeps the tokenizer on one thread.
 2. Approximate vs exact index on `--vectors` synthetic unit 384-d vectors with clustered structure like real
    embeddings: `--clusters` (2000) centres drawn N(0, I) and normalised; each point picks a centre uniformly
    and adds N(0, I/384) noise (noise as long as the centre, cosine to it about 0.7, as in
@@ -79,7 +79,7 @@ import numpy as np  # noqa: E402
 from _record import record, spread  # noqa: E402
 
 from dataprep.rag.chunking import chunk_documents, load_tokenizer  # noqa: E402
-from dataprep.rag.embedding import DEFAULT_MODEL, Embedder, load_encoder  # noqa: E402
+from dataprep.rag.embedding import DEFAULT_MODEL, Embedder, batching_order, load_encoder  # noqa: E402
 from dataprep.rag.index import (  # noqa: E402
     IndexConfig,
     Kind,
@@ -122,13 +122,6 @@ class TimedEmbedder(Embedder):
                 "actor": np.full(rows, os.getpid())}
 
 
-def padded_tokens(lengths: list[int], batch: int, sort: bool) -> int:
-    """Tokens fed to the model (each batch padded to its longest); `encode` sorts all its texts by length."""
-    if sort:
-        lengths = sorted(lengths, reverse=True)
-    return sum(max(lengths[i:i + batch]) * len(lengths[i:i + batch]) for i in range(0, len(lengths), batch))
-
-
 def baseline_run(model: Any, texts: list[str], batch: int) -> tuple[float, np.ndarray]:
     started = time.perf_counter()
     vectors = model.encode(texts, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True,
@@ -136,10 +129,12 @@ def baseline_run(model: Any, texts: list[str], batch: int) -> tuple[float, np.nd
     return time.perf_counter() - started, vectors
 
 
-def pool_run(texts: list[str], batch: int, actors: int) -> dict[str, Any]:
+def pool_run(texts: list[str], lengths: list[int], batch: int, actors: int) -> dict[str, Any]:
+    """The rag stage's path: rows in `batching_order` (longest first), fixed-size batches to an actor pool."""
     import ray
 
-    dataset = ray.data.from_items([{"row": row, "text": text} for row, text in enumerate(texts)])
+    order = batching_order(lengths)
+    dataset = ray.data.from_items([{"row": int(row), "text": texts[row]} for row in order])
     started = time.time()
     materialised = dataset.map_batches(
         TimedEmbedder, fn_constructor_kwargs={"model_path": DEFAULT_MODEL, "batch_size": batch, "threads": 1},
@@ -171,7 +166,7 @@ def embedding_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     baseline_run(model, texts, batch)  # warm-up (the model is already loaded)
     pools = (1, 2)
     for actors in pools:  # warm-up: a fresh pool is started per execution anyway (see the docstring)
-        pool_run(texts[:2 * actors * batch], batch, actors)
+        pool_run(texts[:2 * actors * batch], lengths[:2 * actors * batch], batch, actors)
     baseline_rates: list[float] = []
     pool_stats: dict[int, list[dict[str, Any]]] = {actors: [] for actors in pools}
     reference = None
@@ -179,7 +174,7 @@ def embedding_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         seconds, reference = baseline_run(model, texts, batch)
         baseline_rates.append(len(texts) / seconds)
         for actors in pools:
-            pool_stats[actors].append(pool_run(texts, batch, actors))
+            pool_stats[actors].append(pool_run(texts, lengths, batch, actors))
         print(f"embedding round {round_number + 1}: baseline {baseline_rates[-1]:.1f} chunks/s, "
               + ", ".join(f"pool {a}: {pool_stats[a][-1]['chunks_per_s']:.1f}" for a in pools), flush=True)
     ray.shutdown()
@@ -200,8 +195,6 @@ def embedding_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     metrics["pool_1_over_baseline"] = round(one / base, 3)
     metrics["pool_1_meets_goal"] = one / base >= POOL_GOAL
     metrics["scaling_1_to_2"] = round(two / one, 3)
-    metrics["padded_tokens_pool_over_baseline"] = round(
-        padded_tokens(lengths, batch, sort=False) / padded_tokens(lengths, batch, sort=True), 3)
     return metrics
 
 
@@ -344,7 +337,7 @@ def end_to_end_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from ray import serve
 
     from dataprep.rag.prompt import RetrievedChunk, build_prompt
-    from dataprep.rag.retrieval_eval import build_questions, evaluation_rows, hybrid_rankings
+    from dataprep.rag.retrieval_eval import build_questions, evaluation_rows, rankings_by_method
     from dataprep.rag.retriever import Retriever
     from serving.app import ServeArgs, app_builder
     from workers.ray_runtime import init_ray
@@ -353,9 +346,7 @@ def end_to_end_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     retriever = Retriever(rag_dir, DEFAULT_MODEL, max_k=K)
     texts, ids = retriever.texts()
     questions = build_questions(texts, ids.tolist(), args.questions, seed=0)
-    dense = [[i for i, _ in retriever.ranked(q.question, K, "dense")] for q in questions]
-    lexical = [[i for i, _ in retriever.ranked(q.question, K, "bm25")] for q in questions]
-    rows = evaluation_rows({"dense": dense, "bm25": lexical, "hybrid": hybrid_rankings(dense, lexical, top=K)},
+    rows = evaluation_rows(rankings_by_method(retriever, [q.question for q in questions], K),
                            [q.target_id for q in questions])
     result: dict[str, Any] = {"rag_stage": rag_dir.name, "questions": len(questions),
                               "retrieval": {row["method"]: row for row in rows}}

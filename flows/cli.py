@@ -190,6 +190,8 @@ def serve(
     if rag:
         args["rag"] = _run(pipeline_flow, cfg, "rag")["rag"]["path"]
         args["rag_embedding_model"] = cfg.rag.model_path()
+        args["rag_hybrid"] = cfg.rag.hybrid.model_dump()
+        args["rag_max_k"] = cfg.rag.max_k
     result = _run(deploy_flow, cfg, args, port, True)
     typer.echo(f"serving {target} at {result['url']} (OpenAI API: {result['url']}/v1, docs: {result['url']}/docs)")
     typer.echo(f"$ {result['curl']}")

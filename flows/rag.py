@@ -37,7 +37,7 @@ from workers.rag import bm25_task, build_index, chunk_task, embed_chunks, evalua
 
 EVAL_DIR = "eval"
 OPERATIONAL = {"enabled", "embedding_model", "num_actors", "threads_per_actor", "use_gpu", "max_k", "eval_questions",
-               "eval_seed"}
+               "eval_seed", "hybrid"}
 
 
 class RagStage(StageSpec):
@@ -146,7 +146,7 @@ def rag_eval_task(config: RunConfig, rag_path: str) -> dict[str, Any]:
     get_run_logger().info("Ray: %s", connect_ray(config))
     rag = config.rag
     result: dict[str, Any] = ray.get(evaluate_task.remote(rag_path, rag.model_path(), rag.model_name(),
-                                                          rag.eval_questions, rag.eval_seed, 10))
+                                                          rag.eval_questions, rag.eval_seed, 10, rag.hybrid))
     return result
 
 

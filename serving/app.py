@@ -39,6 +39,7 @@ from tokenizers import Tokenizer
 from dataprep.errors import FieldError
 from dataprep.rag.embedding import DEFAULT_MODEL
 from dataprep.rag.prompt import PromptBudgetError, PromptPlan, RetrievedChunk, build_prompt
+from dataprep.rag.retriever import HybridConfig
 from serving.engine import Engine
 from serving.engine import Request as EngineRequest
 from serving.openai_api import (
@@ -83,7 +84,10 @@ class ServeArgs(BaseModel):
                             "`retrieval` (none: those answer 400)")
     rag_embedding_model: str | None = Field(None, description="the model the index was built with (default MiniLM)")
     rag_max_k: int = Field(20, ge=1, description="the most chunks one request may ask for")
+    rag_hybrid: HybridConfig = Field(HybridConfig(), description="how `hybrid` retrieval fuses dense and BM25")
     retriever_replicas: int = Field(1, ge=1)
+    retriever_threads: int = Field(2, ge=1, description="torch threads of each retriever replica's query "
+                                   "embedding (it runs while the request's engine step waits for it)")
 
 
 def _settle(future: "asyncio.Future[Any]", kind: str, payload: Any) -> None:
@@ -556,7 +560,7 @@ def app_builder(args: ServeArgs) -> Any:
             RetrieverServer, name="retriever", num_replicas=args.retriever_replicas, logging_config=logging,
             ray_actor_options={"num_cpus": 0},
         ).bind(str(Path(args.rag).resolve()), args.rag_embedding_model or DEFAULT_MODEL, None,  # type: ignore[attr-defined]
-               args.rag_max_k)
+               args.rag_max_k, args.rag_hybrid, args.retriever_threads)
     ingress = serve.deployment(OpenAIIngress, name="ingress", max_ongoing_requests=256,
                                ray_actor_options={"num_cpus": 0}, logging_config=logging)
     return ingress.bind(engine, args, retriever)  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from dataprep.rag.prompt import DEFAULT_INSTRUCTIONS
-from dataprep.rag.retriever import Retriever
+from dataprep.rag.retriever import HybridConfig, Retriever
 
 Mode = Literal["dense", "bm25", "hybrid"]
 
@@ -58,11 +58,23 @@ class RagCompletionRequest(BaseModel):
 class RetrieverServer:
     """One retriever per replica: index, BM25 and chunk table loaded once."""
 
-    def __init__(self, stage: str, model_path: str, model_name: str | None, max_k: int) -> None:
-        self.retriever = Retriever(Path(stage), model_path, model_name, max_k)
+    def __init__(self, stage: str, model_path: str, model_name: str | None, max_k: int,
+                 hybrid: HybridConfig | None = None, threads: int | None = None) -> None:
+        self.threads = threads
+        self.use_threads()
+        self.retriever = Retriever(Path(stage), model_path, model_name, max_k, hybrid)
+
+    def use_threads(self) -> None:
+        """Give the query embedding `threads` intra-op threads in the calling thread: OpenMP's thread count is
+        per thread, and Serve runs a sync method on a worker thread that starts with Ray's OMP_NUM_THREADS=1."""
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
 
     def search(self, query: str, k: int, mode: str) -> list[dict[str, Any]]:
         """Ranked chunks as plain data; a bad query raises `RetrievalError` naming the field."""
+        self.use_threads()
         return [{"rank": rank, "chunk_id": c.chunk_id, "doc_id": c.doc_id, "url": c.url, "score": c.score,
                  "start_char": c.start_char, "end_char": c.end_char, "text": c.text}
                 for rank, c in enumerate(self.retriever.search(query, k, mode), start=1)]  # type: ignore[arg-type]

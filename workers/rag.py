@@ -24,7 +24,7 @@ import xxhash
 
 from dataprep.rag.chunking import CHUNK_SCHEMA, ChunkConfig, chunk_documents, chunks_to_table, load_tokenizer
 from dataprep.rag.config import RagConfig
-from dataprep.rag.embedding import Embedder, arrow_to_vectors, vectors_to_arrow
+from dataprep.rag.embedding import Embedder, arrow_to_vectors, batching_order, vectors_to_arrow
 from dataprep.rag.index import (
     IndexConfig,
     ShardedIndex,
@@ -35,8 +35,8 @@ from dataprep.rag.index import (
     shard_of,
 )
 from dataprep.rag.lexical import BM25Index
-from dataprep.rag.retrieval_eval import build_questions, evaluation_rows, hybrid_rankings
-from dataprep.rag.retriever import Retriever
+from dataprep.rag.retrieval_eval import build_questions, evaluation_rows, rankings_by_method
+from dataprep.rag.retriever import HybridConfig, Retriever
 from dataprep.shards import publish_table
 
 CHUNK_TABLE_SCHEMA = pa.schema([pa.field("row_id", pa.int64(), nullable=False), *CHUNK_SCHEMA])
@@ -77,9 +77,11 @@ def read_embeddings(directory: Path) -> dict[str, np.ndarray]:
 def embed_chunks(chunk_paths: list[Path], out_dir: Path, tmp_dir: Path, config: RagConfig,
                  reuse: dict[str, np.ndarray]) -> dict[str, int]:
     """Embed the chunks not in `reuse` on an actor pool; publish every chunk's vector. Returns counts."""
-    chunks = pa.concat_tables([pq.read_table(p, columns=["row_id", "chunk_id", "text"]) for p in chunk_paths])
+    chunks = pa.concat_tables([pq.read_table(p, columns=["row_id", "chunk_id", "n_tokens", "text"])
+                               for p in chunk_paths])
     known = np.array([c in reuse for c in chunks["chunk_id"].to_pylist()], dtype=bool)
     fresh = chunks.filter(pa.array(~known))
+    fresh = fresh.take(batching_order(fresh["n_tokens"].to_numpy()))  # similar lengths share a batch
     parts = []
     if fresh.num_rows:
         dataset = ray.data.from_arrow(fresh).map_batches(
@@ -160,15 +162,12 @@ def bm25_task(chunk_paths: list[str], out_dir: str) -> int:
 
 @ray.remote(num_cpus=1)
 def evaluate_task(stage_dir: str, model_path: str, model_name: str, questions: int, seed: int, k: int,
-                  ) -> dict[str, Any]:
+                  hybrid: HybridConfig | None = None) -> dict[str, Any]:
     """hit@1/5/10 and MRR of dense, BM25 and hybrid retrieval for questions taken from the chunks themselves
     (a sentence found in no other chunk): the chunk it came from is the right answer."""
-    retriever = Retriever(Path(stage_dir), model_path, model_name, max_k=k)
+    retriever = Retriever(Path(stage_dir), model_path, model_name, max_k=k, hybrid=hybrid)
     texts, ids = retriever.texts()
     asked = build_questions(texts, ids.tolist(), questions, seed)
-    dense = [[i for i, _ in retriever.ranked(q.question, k, "dense")] for q in asked]
-    lexical = [[i for i, _ in retriever.ranked(q.question, k, "bm25")] for q in asked]
-    hybrid = hybrid_rankings(dense, lexical, top=k)
-    targets = [q.target_id for q in asked]
-    rows = evaluation_rows({"dense": dense, "bm25": lexical, "hybrid": hybrid}, targets)
+    rankings = rankings_by_method(retriever, [q.question for q in asked], k)
+    rows = evaluation_rows(rankings, [q.target_id for q in asked])
     return {"rows": rows, "examples": [{"question": q.question, "target": q.target_id} for q in asked[:5]]}

@@ -7,6 +7,7 @@ from pydantic import Field
 from dataprep.rag.chunking import ChunkConfig
 from dataprep.rag.embedding import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 from dataprep.rag.index import IndexConfig
+from dataprep.rag.retriever import HybridConfig
 from dataprep.stage import ConfigPath, StageConfig
 
 
@@ -22,6 +23,7 @@ class RagConfig(StageConfig):
     threads_per_actor: int = Field(1, ge=1)
     use_gpu: bool = Field(False, description="one GPU per embedding actor")
     index: IndexConfig = IndexConfig()
+    hybrid: HybridConfig = HybridConfig()
     max_k: int = Field(50, ge=1, description="the most chunks one query may ask for")
     eval_questions: int = Field(200, ge=1, description="questions `forgeline rag-eval` builds from chunks")
     eval_seed: int = 0

@@ -1,4 +1,5 @@
-"""Lexical retrieval: BM25 over chunk texts (bm25s), and reciprocal rank fusion of several rankings.
+"""Lexical retrieval: BM25 over chunk texts (bm25s), and the fusion of several scored rankings: reciprocal
+rank fusion (ranks only) or relative score fusion (min-max normalised scores, weighted sum).
 
 Texts are lower-cased and split into words of two or more word characters (bm25s' default pattern; a run of
 CJK characters without spaces is therefore one word), English stop words removed, no stemming. Results are
@@ -62,6 +63,35 @@ def reciprocal_rank_fusion(
                 continue
             seen.add(item)
             fused[item] = fused.get(item, 0.0) + 1.0 / (k + rank)
+    ordered = sorted(fused.items(), key=lambda pair: (-pair[1], pair[0]))
+    return ordered if top is None else ordered[:top]
+
+
+def relative_score_fusion(
+    scored: Sequence[Sequence[tuple[int, float]]], weights: Sequence[float], top: int | None = None
+) -> list[tuple[int, float]]:
+    """Fuse scored rankings: each ranking's scores are min-max normalised to [0, 1] (all 1.0 when they are
+    equal), then score(id) = sum of weight * normalised score over the rankings that hold it (0 elsewhere).
+
+    This is the convex combination studied by Bruch et al. (2023, "An Analysis of Fusion Functions for Hybrid
+    Retrieval") and Weaviate's `relativeScoreFusion`: unlike RRF it keeps how far ahead a first result is. Only
+    an id's first occurrence in a ranking counts. Sorted by score descending, then id ascending; the `top` best.
+    """
+    if len(scored) != len(weights):
+        raise ValueError(f"{len(scored)} rankings but {len(weights)} weights")
+    if any(weight < 0 for weight in weights):
+        raise ValueError(f"weights must be non-negative, got {list(weights)}")
+    fused: dict[int, float] = {}
+    for ranking, weight in zip(scored, weights, strict=True):
+        first: dict[int, float] = {}
+        for item, score in ranking:
+            first.setdefault(int(item), float(score))
+        if not first:
+            continue
+        low, high = min(first.values()), max(first.values())
+        for item, score in first.items():
+            normalised = (score - low) / (high - low) if high > low else 1.0
+            fused[item] = fused.get(item, 0.0) + weight * normalised
     ordered = sorted(fused.items(), key=lambda pair: (-pair[1], pair[0]))
     return ordered if top is None else ordered[:top]
 

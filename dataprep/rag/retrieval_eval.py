@@ -4,7 +4,8 @@ A question built from chunk `c` counts as answered at rank r when `c`'s row id i
 sentences that occur in no other chunk qualify. Chunks and the sentence within each are drawn with
 `random.Random(seed)` over the chunks sorted by id, so the question set depends only on the corpus and seed.
 Metrics: hit@k (share of questions whose chunk is in the top k) and MRR (mean of 1 / rank, 0 when absent), as
-table rows for each method (dense, bm25, hybrid, ...), and a grouped bar chart of them.
+table rows for each method (dense, bm25, hybrid with the configured fusion, hybrid with the other fusion), and
+a grouped bar chart of them.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dataprep.rag.lexical import reciprocal_rank_fusion
 from dataprep.shards import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from dataprep.rag.retriever import Retriever
 
 DEFAULT_KS = (1, 5, 10)
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])|\n+")
@@ -98,13 +101,22 @@ def mrr(rankings: Sequence[Sequence[int]], targets: Sequence[int], k: int | None
     return total / len(targets) if targets else 0.0
 
 
-def hybrid_rankings(
-    dense: Sequence[Sequence[int]], lexical: Sequence[Sequence[int]], rrf_k: int = 60, top: int = 10
-) -> list[list[int]]:
-    """Per question, the reciprocal rank fusion of its dense and lexical rankings."""
-    _check_lengths(dense, lexical)
-    pairs = zip(dense, lexical, strict=True)
-    return [[item for item, _ in reciprocal_rank_fusion([d, b], rrf_k, top)] for d, b in pairs]
+FUSIONS = ("relative_score", "rrf")
+
+
+def rankings_by_method(retriever: Retriever, questions: Sequence[str], k: int) -> dict[str, list[list[int]]]:
+    """Each question's top-k row ids by dense, BM25, hybrid (the retriever's fusion) and hybrid with the other
+    fusion (named `hybrid_<method>`), from one dense and one BM25 search of the hybrid depth per question."""
+    depth = max(k, retriever.hybrid.depth)
+    other = next(method for method in FUSIONS if method != retriever.hybrid.method)
+    results: dict[str, list[list[int]]] = {"dense": [], "bm25": [], "hybrid": [], f"hybrid_{other}": []}
+    for question in questions:
+        dense, lexical = retriever.dense(question, depth), retriever.lexical(question, depth)
+        results["dense"].append([i for i, _ in dense[:k]])
+        results["bm25"].append([i for i, _ in lexical[:k]])
+        results["hybrid"].append([i for i, _ in retriever.fuse(dense, lexical, k)])
+        results[f"hybrid_{other}"].append([i for i, _ in retriever.fuse(dense, lexical, k, other)])
+    return results
 
 
 def evaluation_rows(

@@ -127,7 +127,7 @@ def test_rag_eval_reports_every_method(built: dict[str, Any]) -> None:
     config = built["config"].model_copy(update={"rag": built["config"].rag.model_copy(update={"eval_questions": 40})})
     result = rag_eval_flow(config, built["grown"]["path"])
     rows = {row["method"]: row for row in result["rows"]}
-    assert set(rows) == {"dense", "bm25", "hybrid"} and all(row["questions"] == 40 for row in rows.values())
+    assert set(rows) == {"dense", "bm25", "hybrid", "hybrid_rrf"} and all(r["questions"] == 40 for r in rows.values())
     assert all(0.0 <= row["hit@1"] <= row["hit@5"] <= row["hit@10"] <= 1.0 for row in rows.values())
     assert rows["hybrid"]["hit@10"] >= 0.9
     assert (Path(result["path"]) / "retrieval.png").stat().st_size > 1000

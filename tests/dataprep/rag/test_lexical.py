@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataprep.rag.lexical import BM25Index, reciprocal_rank_fusion, top_k
+from dataprep.rag.lexical import BM25Index, reciprocal_rank_fusion, relative_score_fusion, top_k
 from tests.dataprep.rag.conftest import sample_texts
 
 LINES = [line for text in sample_texts().values() for line in text.splitlines() if line.strip()]
@@ -76,3 +76,25 @@ def test_reciprocal_rank_fusion_is_deterministic_on_ties_and_repeats() -> None:
     assert reciprocal_rank_fusion([[4, 4, 9]], k=1) == [(4, 0.5), (9, 0.25)]  # a repeat counts once
     assert reciprocal_rank_fusion([], k=60) == [] and reciprocal_rank_fusion([[]], k=60) == []
     assert reciprocal_rank_fusion([[np.int64(3)], [3]], k=0)[0] == (3, 2.0)
+
+
+def test_relative_score_fusion_constructed_case() -> None:
+    dense = [(1, 0.9), (2, 0.8), (3, 0.5)]  # normalised: 1.0, 0.75, 0.0
+    lexical = [(3, 12.0), (4, 6.0), (1, 2.0)]  # normalised: 1.0, 0.4, 0.0
+    fused = relative_score_fusion([dense, lexical], [0.5, 0.5])
+    assert [item for item, _ in fused] == [1, 3, 2, 4]
+    scores = dict(fused)
+    assert scores[1] == pytest.approx(0.5) and scores[3] == pytest.approx(0.5)
+    assert scores[2] == pytest.approx(0.375) and scores[4] == pytest.approx(0.2)
+    # a lead kept: with RRF the BM25 winner 3 would tie with 1; weighted towards BM25, 3 ranks first
+    assert relative_score_fusion([dense, lexical], [0.3, 0.7], top=1)[0][0] == 3
+
+
+def test_relative_score_fusion_edge_cases() -> None:
+    assert relative_score_fusion([[(7, 2.0), (7, 1.0)], []], [1.0, 1.0]) == [(7, 1.0)]  # one score, repeat ignored
+    assert relative_score_fusion([[(5, 1.0), (2, 1.0)]], [0.5]) == [(2, 0.5), (5, 0.5)]  # equal scores: all 1.0
+    assert relative_score_fusion([], []) == []
+    with pytest.raises(ValueError):
+        relative_score_fusion([[(1, 1.0)]], [0.5, 0.5])
+    with pytest.raises(ValueError):
+        relative_score_fusion([[(1, 1.0)]], [-1.0])

@@ -10,13 +10,12 @@ import pytest
 from dataprep.rag.chunking import ChunkConfig, chunk_documents
 from dataprep.rag.embedding import encode
 from dataprep.rag.index import IndexConfig, ShardedIndex
-from dataprep.rag.lexical import BM25Index
+from dataprep.rag.lexical import BM25Index, reciprocal_rank_fusion
 from dataprep.rag.retrieval_eval import (
     build_questions,
     eval_png,
     evaluation_rows,
     hit_at_k,
-    hybrid_rankings,
     mrr,
     split_sentences,
     word_count,
@@ -76,7 +75,8 @@ def test_dense_retrieval_ranks_the_source_chunk_first(minilm, sample_corpus, tmp
     assert [row[0] for row in dense] == targets
     bm25 = BM25Index.build(texts, ids)
     lexical = [bm25.search(q.question, 10)[1].tolist() for q in questions]
-    rows = evaluation_rows({"dense": dense, "bm25": lexical, "hybrid": hybrid_rankings(dense, lexical)}, targets)
+    hybrid = [[i for i, _ in reciprocal_rank_fusion([d, b], 60, 10)] for d, b in zip(dense, lexical, strict=True)]
+    rows = evaluation_rows({"dense": dense, "bm25": lexical, "hybrid": hybrid}, targets)
     assert [row["method"] for row in rows] == ["dense", "bm25", "hybrid"]
     assert rows[0] == {"method": "dense", "questions": len(targets), "hit@1": 1.0, "hit@5": 1.0, "hit@10": 1.0,
                        "mrr": 1.0}
