@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 ui: $(STAMP)
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
-from dataprep.ingest.inputs import InputError
 from flows.config import STAGES, ConfigError, RunConfig, load_config
+from flows.errors import PortInUseError, attach_log_file, explain, log_trace, quiet_console_tracebacks
 
 app = typer.Typer(
     help="forgeline: raw web crawl → curated corpus → trained and served language model.",
@@ -40,14 +40,30 @@ def _load(config_path: Path, address: str | None, local: bool) -> RunConfig:
     if address or local:
         ray_cfg = config.ray.model_copy(update={"address": None if local else address})
         config = config.model_copy(update={"ray": ray_cfg})
+    _RUN_DIR[0] = Path(config.run_dir)  # where an error's full trace goes (created only then: a dry run writes nothing)
+    if config.ray.address:  # reach the cluster now: a wrong --address is one line before any stage starts
+        from flows.common import connect_ray
+
+        _run(connect_ray, config)
     return config
 
 
+_RUN_DIR: list[Path | None] = [None]
+
+
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call `fn`; an error the user can fix (see `flows.errors.explain`) is one red line and exit code 2, its
+    full trace in the run's log file. Anything else keeps its traceback."""
+    quiet_console_tracebacks()
     try:
         return fn(*args, **kwargs)
-    except (InputError, ConfigError, ValueError) as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
+    except Exception as error:
+        message = explain(error)
+        if message is None:
+            raise
+        log_path = attach_log_file(_RUN_DIR[0])  # a command without a config: $FORGELINE_HOME/logs
+        log_trace(f"{getattr(fn, '__name__', fn)} failed: {message}")
+        typer.secho(f"error: {message} (full trace: {log_path})", fg="red", err=True)
         raise typer.Exit(2) from None
 
 
@@ -184,6 +200,9 @@ def serve(
     from flows.pipeline import pipeline_flow
 
     cfg = _load(config, address, local)
+    _run(_check_port, port)
+    if model is not None:
+        _run(_check_model, model)
     target = model or Path(_run(pipeline_flow, cfg, "pretrain")["pretrain"]["path"])
     args: dict[str, Any] = {"model": str(target.resolve()), "dtype": dtype, "engine_cpus": engine_cpus,
                             "max_batch": max_batch, "max_replicas": replicas, "request_timeout_s": timeout}
@@ -207,6 +226,29 @@ def serve(
         from ray import serve
 
         serve.shutdown()
+
+
+def _check_port(port: int) -> None:
+    """PortInUseError naming the port when 127.0.0.1:`port` cannot be bound."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise PortInUseError(f"port {port} is in use ({error.strerror}): choose another with --port") from None
+
+
+def _check_model(model: Path) -> None:
+    """FileNotFoundError unless `model` is an HF export, a checkpoint or a pretrain stage directory."""
+    from dataprep.stage import CHECKPOINTS_DIR, HF_DIR
+
+    candidates = (model / HF_DIR / "config.json", model / "config.json", model / "train_state.json",
+                  model / CHECKPOINTS_DIR)
+    if not model.exists():
+        raise FileNotFoundError(2, "no such file or directory (--model)", str(model))
+    if not any(candidate.exists() for candidate in candidates):
+        raise FileNotFoundError(2, "not an HF export, checkpoint or pretrain stage directory (--model)", str(model))
 
 
 @app.command()
@@ -265,6 +307,10 @@ def train_toxicity(
     from flows.config import RayConfig
     from flows.train import train_toxicity_flow
 
+    if not labels.is_file():
+        typer.secho(f"error: not found: {labels} (the labels CSV; `forgeline label-toxicity {labels}` writes one)",
+                    fg="red", err=True)
+        raise typer.Exit(2)
     metrics = _run(train_toxicity_flow, labels, out, RayConfig(), 0.2, epoch, 0, quantize)
     typer.echo(json.dumps(metrics, indent=2))
 
@@ -281,7 +327,7 @@ def label_toxicity(
 
     texts = sentences_of(" ".join(article.paragraphs) for article in iter_articles())[:sentences]
     bad_words = sorted(Blocklist.load(default_blocklist_path()).words)
-    examples = profanity_distilled_examples(texts, bad_words)
+    examples = _run(profanity_distilled_examples, texts, bad_words)
     write_jigsaw(out, examples)
     toxic = sum(label == "toxic" for label, _ in examples)
     typer.echo(f"label-toxicity: {len(examples):,} sentences ({toxic:,} toxic by alt-profanity-check) → {out}")

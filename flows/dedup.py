@@ -35,7 +35,7 @@ class DedupStage(StageSpec):
     """Ingest documents → kept documents (same shard names) + `duplicates.parquet` (the audit)."""
 
     name = "dedup"
-    code_version = "dedup-1"
+    code_version = "dedup-2"
     upstream = "ingest"
     output_names = (DATA_DIR, DUPLICATES_FILE)
 

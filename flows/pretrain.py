@@ -29,7 +29,7 @@ from flows.config import RunConfig
 from flows.stage import Computed, NotYetKnown, StageInputs, StageResult, StageSpec, stage_flow
 from workers.checkpoint import check_compatible, complete_checkpoints, latest_checkpoint, read_journal, read_state
 from workers.model_config import ModelConfig, parameter_count
-from workers.pretrain import METRICS_FILE
+from workers.pretrain import METRICS_FILE, read_resumes
 from workers.train_config import OPERATIONAL_FIELDS, TrainJob
 
 LOSS_PNG = "loss.png"
@@ -175,6 +175,7 @@ def pretrain_stats(stage: StageDir, model: ModelConfig, index: dict[str, Any]) -
         "unigram_val_loss": round(index["unigram_val_loss"], 4),
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in steady) / len(steady), 1),
         "peak_memory_mb": round(max(r["peak_memory_mb"] for r in rows), 1),
+        "resumed_from_steps": [record["from_step"] for record in read_resumes(stage.path)],
         **({"mfu": round(sum(r["mfu"] for r in steady) / len(steady), 4)} if "mfu" in last else {}),
     }
 

@@ -82,8 +82,8 @@ def train_quality_flow(config: TrainQualityConfig, negatives: list[str], ray_con
     examples = _balanced(positive_texts, negative_texts, config)
     source = {"positives": config.positives, "negatives": config.negatives or negatives}
     metrics = train_classifier(examples, config.output, config.positive_label, config.holdout, config.seed,
-                               {"epoch": config.epoch, "wordNgrams": config.word_ngrams, "lr": config.lr}, False,
-                               ray_config, source)
+                               {"epoch": config.epoch, "wordNgrams": config.word_ngrams, "lr": config.lr,
+                                "bucket": config.bucket, "dim": config.dim}, config.quantize, ray_config, source)
     _report("quality classifier", metrics)
     return metrics
 

@@ -26,7 +26,10 @@ CRAWL_DIR = REPO_ROOT.parent / "shared" / "data" / "crawl"
 def crawl_dir() -> Path:
     """The real crawl samples beside the checkout (`../shared/data/crawl`)."""
     if not CRAWL_DIR.is_dir():
-        pytest.skip(f"real crawl samples not found at {CRAWL_DIR} (they live in the shared/ folder beside the repo)")
+        message = f"real crawl samples not found at {CRAWL_DIR} (they live in the shared/ folder beside the repo)"
+        if os.environ.get("CI"):  # CI has the shared folder: a missing one is a failure, never a silent skip
+            pytest.fail(message)
+        pytest.skip(message)
     return CRAWL_DIR
 
 

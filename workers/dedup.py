@@ -63,17 +63,23 @@ def _url_hash(url: str | None) -> int:
 
 
 @ray.remote(num_cpus=1)
-def signature_task(source: str, target: str, tmp_dir: str, config: DedupConfig) -> int:
-    """Keys of one input shard → `target` (skipped when it exists). Returns the document count."""
+def signature_task(source: str, target: str, tmp_dir: str, config: DedupConfig) -> tuple[int, int]:
+    """Keys of one input shard → `target` (skipped when it exists). Returns (documents, documents shingled by
+    characters)."""
     if Path(target).exists():
-        return pq.read_metadata(target).num_rows
+        kinds = pq.read_table(target, columns=["char_shingles"])["char_shingles"]
+        return len(kinds), int(pc.sum(kinds).as_py() or 0)
     table = pq.read_table(source, columns=["doc_id", "text", "url"])
     doc_ids, texts, urls = (table[c].to_pylist() for c in ("doc_id", "text", "url"))
     hasher = MinHasher(num_perm=config.num_perm, seed=config.seed, shingle_hash=config.shingle_hash)
-    if config.shingle == "word":
-        signatures = hasher.text_signatures(texts, config.ngram)
-    else:
-        signatures = hasher.signatures(char_shingles(t, config.ngram) for t in texts)
+    kinds = [config.shingle_kind(text) for text in texts]
+    signatures = np.empty((len(texts), config.num_perm), dtype=np.uint32)
+    words = [i for i, kind in enumerate(kinds) if kind == "word"]
+    chars = [i for i, kind in enumerate(kinds) if kind == "char"]
+    if words:  # the vectorised path over every word-shingled document of the shard at once
+        signatures[words] = hasher.text_signatures([texts[i] for i in words], config.ngram)
+    if chars:
+        signatures[chars] = hasher.signatures(char_shingles(texts[i], config.ngram) for i in chars)
     band_count, rows = config.lsh()
     bands = band_hashes(signatures, band_count, rows).view(np.int64)
     columns = {
@@ -81,9 +87,10 @@ def signature_task(source: str, target: str, tmp_dir: str, config: DedupConfig) 
         "text_hash": pa.array([_text_hash(t) for t in texts], pa.int64()),
         "url_hash": pa.array([_url_hash(u) for u in urls], pa.int64()),
         "bands": pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1)), band_count),
+        "char_shingles": pa.array([kind == "char" for kind in kinds], pa.bool_()),
     }
     publish_table(pa.table(columns), Path(target), Path(tmp_dir))
-    return len(doc_ids)
+    return len(doc_ids), len(chars)
 
 
 @ray.remote(num_cpus=0)
@@ -200,9 +207,10 @@ def run_dedup(
     Kept documents are written to `out_dir` with the same file names as their source shards.
     """
     sig_paths = [work_dir / "sig" / s.name for s in sources]
-    docs_in = sum(ray.get([
+    counted = ray.get([
         signature_task.remote(str(s), str(t), str(tmp_dir), config) for s, t in zip(sources, sig_paths, strict=True)
-    ]))
+    ])
+    docs_in, char_docs = sum(docs for docs, _ in counted), sum(chars for _, chars in counted)
     edges, peak_actor_bytes = _bucket_edges(sig_paths, config.methods(), config.num_actors)
     candidates = {m: np.unique(e, axis=0) if len(e) else e.reshape(0, 2) for m, e in edges.items()}
     involved = np.unique(np.concatenate([e.reshape(-1) for e in candidates.values()] or [np.empty(0, np.int64)]))
@@ -242,6 +250,8 @@ def run_dedup(
         "candidate_edges": {m: int(len(e)) for m, e in candidates.items()},
         "verified_fuzzy_edges": len(verified),
         "lsh": {"bands": bands, "rows": band_rows},
+        "shingles": {"setting": config.shingle, "ngram": config.ngram, "word_documents": docs_in - char_docs,
+                     "char_documents": char_docs},
         "peak_actor_bytes": int(peak_actor_bytes),
     }
     return stats, rows

@@ -191,6 +191,22 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
 
+RESUMES_FILE = "resumes.jsonl"
+
+
+def _record_resume(out: Path, step: int, checkpoint: Path) -> None:
+    """One line per (re)start that resumed from a checkpoint: the evidence that recovery ran, and from where."""
+    with open(out / RESUMES_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"from_step": step, "checkpoint": checkpoint.name, "time": round(time.time(), 3)})
+                     + "\n")
+
+
+def read_resumes(out: Path) -> list[dict[str, Any]]:
+    """The resume records of a pretrain output directory (empty for a run that never restarted)."""
+    path = Path(out) / RESUMES_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
 def _validate(job: TrainJob, config: ModelConfig) -> dict[str, Any]:
     index = read_index(Path(job.data_dir))
     if index["seq_len"] > config.max_seq_len:
@@ -237,6 +253,8 @@ def train(job: TrainJob, report: Reporter | None = None) -> dict[str, Any]:
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _keep_metrics_until(metrics_path, start)
+        if resume_from is not None:
+            _record_resume(out, start, resume_from)
         counts = parameter_count(config)
         print(f"model: {counts['total']:,} parameters ({counts['non_embedding']:,} in matmuls); world {ctx.world} "
               f"on {ctx.device.type}; {'resuming from ' + str(resume_from) if resume_from else 'from scratch'}",

@@ -3,9 +3,10 @@ parallel tasks, build BM25, and evaluate retrieval.
 
 - `chunk_task` per document shard: token-aware chunks (the embedding model's tokenizer) with a stable `row_id`
   (xxh3 of doc id and chunk index), written atomically (a finished shard is skipped on a rerun).
-- `embed_chunks`: `ray.data` `map_batches(Embedder, concurrency=num_actors)`: the model is loaded once per actor
-  (a GPU each with `use_gpu`); chunks whose content hash an earlier build already embedded are not embedded
-  again (incremental). Embeddings are published as Parquet shards (row_id, chunk_id, embedding).
+- `embed_chunks`: `ray.data` `map_batches(Embedder, compute=ActorPoolStrategy(size=num_actors))`, chunks fed
+  longest first so a batch holds similar lengths: the model is loaded once per actor (a GPU each with
+  `use_gpu`); chunks whose content hash an earlier build already embedded are not embedded again
+  (incremental). Embeddings are published as Parquet shards (row_id, chunk_id, embedding).
 - `build_index`: one Ray task per index shard (vectors routed by `shard_of(row_id)`), the same result as
   `ShardedIndex.build` in one process.
 """
@@ -88,7 +89,8 @@ def embed_chunks(chunk_paths: list[Path], out_dir: Path, tmp_dir: Path, config: 
             Embedder, fn_constructor_kwargs={"model_path": config.model_path(), "batch_size": config.embedding_batch,
                                              "threads": config.threads_per_actor,
                                              "device": "cuda" if config.use_gpu else "cpu"},
-            batch_size=config.embedding_batch, concurrency=config.num_actors, num_cpus=config.threads_per_actor,
+            batch_size=config.embedding_batch, compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+            num_cpus=config.threads_per_actor,
             num_gpus=1 if config.use_gpu else 0, batch_format="pyarrow")
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             assert isinstance(batch, pa.Table)

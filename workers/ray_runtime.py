@@ -1,10 +1,16 @@
-"""Start or attach to Ray: local single-node mode on loopback, or an existing cluster by address."""
+"""Start or attach to Ray: local single-node mode on loopback, or an existing cluster by address.
+
+Ray's gRPC servers (GCS, raylet, workers, agents) listen on every interface whatever `_node_ip_address` says;
+what keeps a local session closed is Ray's token authentication, which `flows._env` turns on with a
+per-process secret before Ray is imported (Ray reads its auth settings at import).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +23,6 @@ T = TypeVar("T")
 # Unix socket paths are limited to 107 bytes; Ray appends about 62 characters to its temp dir.
 MAX_TEMP_DIR_CHARS = 44
 LOCAL_ENV = {
-    "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
@@ -34,6 +39,25 @@ def ray_temp_dir(preferred: Path) -> Path:
     return short
 
 
+class ClusterUnavailableError(ConnectionError):
+    """`ray.address` names a Ray cluster that cannot be reached."""
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """For `host:port` and `ray://host:port`, a TCP connection first: Ray itself keeps retrying an unreachable
+    GCS for minutes. ('auto' is left to Ray, which looks for a running cluster on this machine.)"""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise ClusterUnavailableError(
+            f"no Ray cluster reachable at --address {address!r} ({error.strerror or error}): start one "
+            "(`ray start --head`), fix the address, or drop --address to run locally") from None
+
+
 def init_ray(
     address: str | None,
     *,
@@ -45,8 +69,9 @@ def init_ray(
 ) -> dict[str, object]:
     """Connect to Ray once per process; returns a short description of the cluster.
 
-    `address=None` starts a local single-node Ray bound to 127.0.0.1 with auth off and its session files
-    under `temp_dir`. Any other address ('auto', 'ray://head:10001') attaches to a running cluster.
+    `address=None` starts a local single-node Ray on 127.0.0.1 (token authentication when `flows._env` set it
+    up) with its session files under `temp_dir`. Any other address ('auto', 'ray://head:10001') attaches to a
+    running cluster.
     """
     if not ray.is_initialized():
         if address is None:
@@ -66,7 +91,13 @@ def init_ray(
                 log_to_driver=True,
             )
         else:
-            ray.init(address=address, configure_logging=False, log_to_driver=True)
+            check_reachable(address)
+            try:
+                ray.init(address=address, configure_logging=False, log_to_driver=True)
+            except ConnectionError as error:
+                raise ClusterUnavailableError(
+                    f"no Ray cluster reachable at --address {address!r} ({str(error).splitlines()[0]}): start "
+                    "one (`ray start --head`), fix the address, or drop --address to run locally") from error
     resources = ray.cluster_resources()
     return {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "cpus": resources.get("CPU", 0)}
 

@@ -17,7 +17,7 @@ from datasketch.lsh import _optimal_param
 from pydantic import Field, model_validator
 
 from dataprep.dedup.lines import LineDedupConfig
-from dataprep.dedup.minhash import char_shingles, fmix32, jaccard, normalise_text, word_shingles
+from dataprep.dedup.minhash import char_shingles, fmix32, jaccard, normalise_text, shingle_kind, word_shingles
 from dataprep.stage import StageConfig
 
 _BAND_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
@@ -33,7 +33,9 @@ class DedupConfig(StageConfig):
     threshold: float = Field(0.7, gt=0.0, lt=1.0, description="Jaccard similarity of shingle sets")
     num_perm: int = Field(128, ge=8, le=1024)
     seed: int = Field(1, ge=0)
-    shingle: Literal["word", "char"] = "word"
+    shingle: Literal["auto", "word", "char"] = Field(
+        "auto", description="auto: per document, character n-grams for text mostly in a script written without "
+        "spaces (CJK, Thai, ...), word n-grams otherwise; the count of each is in the stage stats")
     ngram: int = Field(5, ge=1, description="words (or characters) per shingle")
     shingle_hash: Literal["xxh32-words", "xxh32", "sha1"] = "xxh32-words"
     false_positive_weight: float = Field(0.2, ge=0.0, le=1.0, description="LSH tuning; verification removes FPs")
@@ -65,9 +67,15 @@ class DedupConfig(StageConfig):
         """The enabled methods, in the order clusters are labelled."""
         return [method for method in METHODS if getattr(self, method)]
 
+    def shingle_kind(self, text: str) -> str:
+        """`word` or `char`: the configured kind, or with `auto` the one `minhash.shingle_kind` picks for `text`."""
+        return shingle_kind(text) if self.shingle == "auto" else self.shingle
+
     def shingles(self, text: str) -> list[bytes]:
         """The shingles MinHash and verification use for `text`."""
-        return word_shingles(text, self.ngram) if self.shingle == "word" else char_shingles(text, self.ngram)
+        if self.shingle_kind(text) == "word":
+            return word_shingles(text, self.ngram)
+        return char_shingles(text, self.ngram)
 
 
 METHODS = ("exact", "url", "fuzzy")

@@ -125,6 +125,25 @@ def word_shingles(text: str, n: int = 5) -> list[bytes]:
     return list(dict.fromkeys(map(b" ".join, zip(*(words[i:] for i in range(n)), strict=False))))
 
 
+# Scripts written without spaces between words: Han, Hiragana, Katakana (and their extensions), Thai, Lao,
+# Khmer, Myanmar, Tibetan. Korean (Hangul) separates words with spaces and stays with word shingles.
+_SPACELESS = re.compile("[\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff"
+                        "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]")
+SPACELESS_SHARE = 0.3
+
+
+def spaceless_share(text: str) -> float:
+    """Share of the letters of `text` (digits and punctuation left out) in a script written without spaces."""
+    letters = sum(1 for ch in text if ch.isalpha())
+    return len(_SPACELESS.findall(text)) / letters if letters else 0.0
+
+
+def shingle_kind(text: str, threshold: float = SPACELESS_SHARE) -> str:
+    """`char` when at least `threshold` of the text's word characters are CJK, Thai, ... (a "word" there would
+    be a whole clause or line, so word n-grams see almost nothing), else `word`."""
+    return "char" if spaceless_share(text) >= threshold else "word"
+
+
 def char_shingles(text: str, n: int = 24) -> list[bytes]:
     """Character n-grams of normalised text (NeMo Curator uses 24)."""
     normal = normalise_text(text)

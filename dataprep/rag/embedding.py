@@ -107,7 +107,7 @@ class Embedder:
     """Ray Data `map_batches` callable: loads the model once, adds an `embedding` column for `text`.
 
     Use `ds.map_batches(Embedder, fn_constructor_kwargs={"model_path": ..., "batch_size": 64, "threads": 4},
-    concurrency=N, batch_format="numpy")` (or "pyarrow").
+    compute=ray.data.ActorPoolStrategy(size=N), batch_format="numpy")` (or "pyarrow").
     """
 
     def __init__(

@@ -31,6 +31,17 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
         ("run_dir: r\ningest:\n  inputs: [a.warc]\n  typo_field: 1\n", "ingest.typo_field"),
         ("ingest:\n  inputs: [a.warc]\n", "run_dir"),
         ("run_dir: r\nray:\n  num_cpus: 0\ningest:\n  inputs: [a.warc]\n", "ray.num_cpus"),
+        # a bad value in every other section names its field
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\norchestration:\n  task_retries: -1\n", "orchestration.task_retries"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\ndedup:\n  threshold: 1.5\n", "dedup.threshold"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\ndedup:\n  shingle: letters\n", "dedup.shingle"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\ndedup:\n  lines:\n    mode: sentence\n", "dedup.lines.mode"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\nfilter:\n  num_actors: 0\n", "filter.num_actors"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\ntokenize:\n  vocab_size: lots\n", "tokenize.vocab_size"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\npretrain:\n  steps: 0\n", "pretrain.steps"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\nevaluate:\n  max_windows: 0\n", "evaluate.max_windows"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\nrag:\n  hybrid:\n    method: borda\n", "rag.hybrid.method"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\nrag:\n  max_k: 0\n", "rag.max_k"),
     ],
 )
 def test_errors_name_file_and_field(tmp_path: Path, body: str, field: str) -> None:
@@ -38,6 +49,13 @@ def test_errors_name_file_and_field(tmp_path: Path, body: str, field: str) -> No
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert str(path) in str(error.value) and f"  {field}:" in str(error.value)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_every_committed_config_validates(path: Path) -> None:
+    config = load_config(path)
+    assert config.ingest.inputs and config.run_dir.is_absolute()
 
 
 def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:

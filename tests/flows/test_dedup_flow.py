@@ -27,6 +27,7 @@ def test_identical_captures_collapse_to_one(crawl_dir: Path, tmp_path: Path, flo
     kept = pq.read_table(Path(dedup["path"]) / "data").to_pylist()
     assert sum(url_of[d["doc_id"]] == "https://allenai.org/" for d in kept) == 1
     assert dedup["stats"]["records_in"] == 15 and dedup["stats"]["records_out"] == 15 - len(duplicates)
+    assert dedup["stats"]["shingles"] == {"setting": "auto", "ngram": 5, "word_documents": 15, "char_documents": 0}
     assert (Path(dedup["path"]) / "_SUCCESS").is_file()
     again = pipeline_flow(config, "dedup")
     assert again["ingest"]["skipped"] and again["dedup"]["skipped"]

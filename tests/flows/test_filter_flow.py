@@ -36,6 +36,9 @@ def test_filter_stage_end_to_end(crawl_dir: Path, tmp_path: Path, flow_env: None
     stage = Path(results["filter"]["path"])
     stats = results["filter"]["stats"]
     assert stats["records_in"] == results["dedup"]["stats"]["records_out"]
+    shingles = results["dedup"]["stats"]["shingles"]  # `shingle: auto`: the 11 Chinese pages by characters
+    assert shingles["char_documents"] == 11
+    assert shingles["word_documents"] + 11 == results["dedup"]["stats"]["records_in"]
     kept = pq.read_table(stage / "data").to_pylist()
     assert len(kept) == stats["records_out"] > 0
     assert {d["language"] for d in kept} == {"en"}
@@ -80,3 +83,4 @@ def test_train_toxicity_and_quality_flows(tmp_path: Path, flow_env: None) -> Non
     metrics = train_quality_flow(training, [str(negatives)], ray_config)
     assert metrics["held_out"]["accuracy"] > 0.9
     assert FastTextClassifier.load(tmp_path / "quality.bin").top(["river3 river4 river5"])[0] == ["hq"]
+    assert (tmp_path / "quality.bin").stat().st_size < 20 * 2**20  # sized to its data, quantised (was 800 MB)

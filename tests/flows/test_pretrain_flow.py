@@ -114,6 +114,9 @@ def test_worker_killed_mid_training_resumes_bit_identically(reference_run: dict[
     result = pretrain_flow(config, reference_run["tokens"]["path"])
     stage = Path(result["path"])
     assert (stage / ".fault-step-13").is_file(), "the worker was killed"
+    # recovery ran, from the last checkpoint before the kill (every 8 steps: step 8), not from scratch
+    assert result["stats"]["resumed_from_steps"] == [8]
+    assert reference_run["trained"]["stats"]["resumed_from_steps"] == []
     expected = read_metrics(Path(reference_run["trained"]["path"]) / "metrics.jsonl")
     resumed = read_metrics(stage / "metrics.jsonl")
     assert [[r.get(k) for k in COMPARED] for r in resumed] == [[r.get(k) for k in COMPARED] for r in expected]

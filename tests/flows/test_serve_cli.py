@@ -1,0 +1,75 @@
+"""`forgeline serve` through the installed console script: it starts (Ray, Serve, the deploy flow), answers a
+request, and on SIGTERM stops cleanly with exit code 0, leaving no process of its session and no open port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serving.test_http import free_port, model_dir  # noqa: F401  (the tiny exported model fixture)
+
+pytestmark = pytest.mark.integration
+FORGELINE = Path(sys.executable).parent / "forgeline"
+READY = "Ctrl-C (or SIGTERM) to stop"
+
+
+def session_processes(session_id: int) -> list[str]:
+    """Command lines of live processes in the process session `session_id` (all of the server's descendants
+    unless one started its own session)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(fields[3]) == session_id and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
+            found.append(f"{stat.parent.name}: {cmdline.strip()[:120]}")
+    return found
+
+
+def test_serve_starts_answers_and_stops_cleanly_on_sigterm(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"name: clitest\nrun_dir: {tmp_path / 'run'}\ningest:\n  inputs: [unused.jsonl]\n"
+                      "ray:\n  num_cpus: 2\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "PREFECT_API_URL"))}
+    env["FORGELINE_HOME"] = str(tmp_path / "home")
+    server = subprocess.Popen(
+        [str(FORGELINE), "serve", str(config), "--model", str(model_dir), "--port", str(port), "--engine-cpus", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(server.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not any(READY in line for line in output):
+            assert server.poll() is None, "".join(output)
+            assert time.monotonic() < deadline, "".join(output)
+            time.sleep(0.5)
+        assert any(f"http://127.0.0.1:{port}" in line for line in output)
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                            json={"model": "clitest", "prompt": "the cat", "max_tokens": 4, "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] == 4
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=90) == 0, "".join(output[-30:])
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+    deadline = time.monotonic() + 30
+    while (left := session_processes(server.pid)) and time.monotonic() < deadline:
+        time.sleep(1)
+    for line in left:  # do not leave them running for the rest of the suite
+        os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    assert left == [], f"processes left after SIGTERM: {left}"
