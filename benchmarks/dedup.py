@@ -1,23 +1,24 @@
 """Benchmark: dedup signatures, quality and scaling, all in one run.
 
 1. Signatures per core (128 perms, word 5-grams, ~500-word docs, end to end from text): ours vs
-   datasketch update loop / update_batch / bulk, and rensa when installed (see benchmarks/minhash.py).
+   datasketch update loop / bulk, and rensa when installed, all on the same `--sig-docs` documents with a
+   warm-up and `--repeat` interleaved rounds, median and min-max (what each path does: benchmarks/minhash.py).
 2. Quality on a generated corpus (default 20,000 docs) with planted near-duplicates at graded edit rates
    and exact Jaccard ground truth: precision and recall of duplicate pairs with J >= 0.8 (threshold 0.8).
 3. Scaling: docs/s of the whole dedup with Ray on 1 and 2 CPUs; data held per LSH actor as the corpus doubles.
 
-    .venv/bin/python benchmarks/dedup.py [--docs 20000] [--sig-docs 2000]
+    .venv/bin/python benchmarks/dedup.py [--docs 20000] [--sig-docs 2000] [--repeat 3]
 
-Last line: {"benchmark": "dedup", "metrics": {...}}.
+Last line: {"benchmark": "dedup", "metrics": {...}}, also appended to benchmarks/results/dedup.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +31,7 @@ import minhash as signature_bench  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
+from _record import record, spread  # noqa: E402
 
 from dataprep.dedup.documents import DedupConfig  # noqa: E402
 from dataprep.dedup.minhash import jaccard, word_shingles  # noqa: E402
@@ -108,24 +110,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=20_000)
     parser.add_argument("--sig-docs", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    texts = signature_bench.corpus(args.sig_docs)
-    metrics: dict[str, object] = {"signatures_docs_per_s": {
-        "datasketch_update": signature_bench.rate("datasketch update loop", signature_bench.datasketch_update,
-                                                  texts[: max(200, args.sig_docs // 10)]),
-        "datasketch_bulk": signature_bench.rate("datasketch bulk", signature_bench.datasketch_bulk, texts),
-        "ours": signature_bench.rate("ours (xxh32-words)", signature_bench.ours("xxh32-words"), texts),
-    }}
+    texts = signature_bench.corpus(args.sig_docs)  # the same documents for every path (see minhash.py)
+    paths = {"datasketch_update": signature_bench.datasketch_update, "datasketch_bulk": signature_bench.datasketch_bulk,
+             "ours": signature_bench.ours("xxh32-words")}
     try:
-        metrics["signatures_docs_per_s"]["rensa"] = signature_bench.rate("rensa", signature_bench.rensa, texts)
+        import rensa as _  # noqa: F401
+
+        paths["rensa"] = signature_bench.rensa
     except ImportError:
         print("rensa not installed: skipped", flush=True)
-    sig = metrics["signatures_docs_per_s"]
+    rates = signature_bench.rounds(paths, texts, args.repeat)
+    metrics: dict[str, object] = {"signature_docs": len(texts), "repeat": args.repeat,
+                                  "signatures_docs_per_s": {name: spread(values) for name, values in rates.items()}}
     for name in ("datasketch_update", "datasketch_bulk", "rensa"):
-        if name in sig:
-            metrics[f"signatures_ours_vs_{name}"] = round(sig["ours"] / sig[name], 2)
+        if name in rates:
+            metrics[f"signatures_ours_vs_{name}"] = round(
+                statistics.median(rates["ours"]) / statistics.median(rates[name]), 2)
 
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         root = Path(tmp)
@@ -146,7 +150,7 @@ def main() -> None:
         metrics["scaling"] = scaling
         metrics["docs"] = len(rows)
         ray.shutdown()
-    print(json.dumps({"benchmark": "dedup", "metrics": metrics}))
+    record("dedup", metrics)
 
 
 if __name__ == "__main__":

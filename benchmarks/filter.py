@@ -2,13 +2,14 @@
 
 Documents: the kept output of a dedup (or ingest) stage, by default the demo's (`make demo` first), plus the
 real crawl samples in ../shared/data/crawl when present (ingested here with our readers). DataTrove is a
-benchmark-only install (`pip install datatrove spacy`). Reports docs/s per core for both chains (one process,
-best of `--repeat`), agreement of the final keep/drop decision, and per rule (each applied alone to the same
+benchmark-only install (`pip install datatrove spacy`). Reports docs/s per core for both chains (one process;
+both get one untimed warm-up pass, then `--repeat` interleaved rounds time each chain once; the headline is
+the median with min-max), agreement of the final keep/drop decision, and per rule (each applied alone to the same
 original text) a confusion matrix with examples of disagreements.
 
     .venv/bin/python benchmarks/filter.py [--docs-dir runs/demo/dedup-*/data] [--repeat 3]
 
-Last line: {"benchmark": "filter", "metrics": {...}}.
+Last line: {"benchmark": "filter", "metrics": {...}}, also appended to benchmarks/results/filter.jsonl.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyarrow.parquet as pq  # noqa: E402
+from _record import record, spread  # noqa: E402
 
 from dataprep.filter.rules import HEURISTIC_RULES  # noqa: E402
 
@@ -97,13 +102,18 @@ def datatrove_chain(texts: list[str]) -> list[tuple[bool, str | None]]:
     return decisions
 
 
-def timed(function, texts: list[str], repeat: int) -> tuple[float, list]:
-    best, result = float("inf"), []
+def timed_rounds(chains: dict[str, Any], texts: list[str], repeat: int
+                 ) -> tuple[dict[str, list[float]], dict[str, list]]:
+    """Both chains alike: one untimed warm-up pass each, then `repeat` rounds, each timing every chain once in
+    turn (interleaved, so a slow moment hits both). Returns docs/s per round and each chain's decisions."""
+    decisions = {name: chain(texts) for name, chain in chains.items()}  # warm-up (imports, caches, models)
+    rates: dict[str, list[float]] = {name: [] for name in chains}
     for _ in range(repeat):
-        started = time.perf_counter()
-        result = function(texts)
-        best = min(best, time.perf_counter() - started)
-    return len(texts) / best, result
+        for name, chain in chains.items():
+            started = time.perf_counter()
+            decisions[name] = chain(texts)
+            rates[name].append(len(texts) / (time.perf_counter() - started))
+    return rates, decisions
 
 
 def per_rule_confusion(texts: list[str]) -> dict[str, dict[str, object]]:
@@ -142,10 +152,11 @@ def main() -> None:
     if not texts:
         sys.exit(f"no documents match {args.docs_dir}: run `make demo` first")
     print(f"{len(texts):,} documents, {sum(map(len, texts)) / 1e6:.2f} M characters", flush=True)
-    ours_rate, ours = timed(ours_chain, texts, args.repeat)
-    print(f"ours       {ours_rate:10.0f} docs/s", flush=True)
-    theirs_rate, theirs = timed(datatrove_chain, texts, 1)
-    print(f"datatrove  {theirs_rate:10.0f} docs/s", flush=True)
+    rates, decisions = timed_rounds({"ours": ours_chain, "datatrove": datatrove_chain}, texts, args.repeat)
+    ours, theirs = decisions["ours"], decisions["datatrove"]
+    ours_rate, theirs_rate = (statistics.median(rates[name]) for name in ("ours", "datatrove"))
+    print(f"ours       {ours_rate:10.0f} docs/s (rounds: {[round(r) for r in rates['ours']]})", flush=True)
+    print(f"datatrove  {theirs_rate:10.0f} docs/s (rounds: {[round(r) for r in rates['datatrove']]})", flush=True)
     agree = sum(a[0] == b[0] for a, b in zip(ours, theirs, strict=True)) / len(texts)
     rules = per_rule_confusion(texts)
     for name, row in rules.items():
@@ -156,9 +167,10 @@ def main() -> None:
           f"{sum(k for k, _ in theirs)}")
     metrics = {
         "documents": len(texts),
-        "ours_docs_per_s": round(ours_rate, 1),
-        "datatrove_docs_per_s": round(theirs_rate, 1),
-        "speedup": round(ours_rate / theirs_rate, 2),
+        "repeat": args.repeat,
+        "ours_docs_per_s": spread(rates["ours"]),
+        "datatrove_docs_per_s": spread(rates["datatrove"]),
+        "speedup_of_medians": round(ours_rate / theirs_rate, 2),
         "decision_agreement": round(agree, 4),
         "kept_ours": sum(k for k, _ in ours),
         "kept_datatrove": sum(k for k, _ in theirs),
@@ -166,7 +178,7 @@ def main() -> None:
         "rule_confusion": {name: {k: row[k] for k in ("both_keep", "both_drop", "ours_drop_only",
                                                       "datatrove_drop_only")} for name, row in rules.items()},
     }
-    print(json.dumps({"benchmark": "filter", "metrics": metrics}))
+    record("filter", metrics)
 
 
 if __name__ == "__main__":

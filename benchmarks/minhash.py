@@ -1,26 +1,49 @@
-"""Benchmark: MinHash signatures per core, ours vs datasketch, end to end from text (shingling included).
+r"""Benchmark: MinHash signatures per core, ours vs datasketch, end to end from text (shingling included).
 
-128 permutations, word 5-grams, ~500-word documents, one process. Baselines measured in the same run:
-datasketch `MinHash.update` per shingle, `MinHash.update_batch`, `MinHash.bulk` (all with the SHA-1 default),
-and rensa's RMinHash when it is installed (`pip install rensa`; never a project dependency). Ours is
-`MinHasher.text_signatures` with each shingle hash; the ratios use the default, `xxh32-words`.
+128 permutations, word 5-grams, `--docs` (2000) synthetic 500-word documents (20,000-word vocabulary), one
+process. Every path gets the same documents, one untimed warm-up pass, then `--repeat` interleaved rounds
+(each path timed once per round); the headline is the median docs/s with min-max. What each path does from
+text to signature:
 
-    .venv/bin/python benchmarks/minhash.py [--docs 2000]
+- datasketch `update` loop: `word_shingles(text)` (our tokenizer: NFC, lower case, `\w+` words, 5-grams joined
+  by spaces, UTF-8 bytes), then `MinHash(num_perm=128).update(shingle)` per shingle: SHA-1 of each shingle
+  (first 4 bytes), datasketch's numpy permutation per shingle.
+- datasketch `update_batch`: the same shingles, one `update_batch(shingles)` per document (SHA-1, one numpy
+  permutation over the document's shingles).
+- datasketch `bulk`: the same shingles, `MinHash.bulk(all shingle lists)`.
+- ours `sha1`: the same shingles, SHA-1 per shingle, then our vectorised permutation: signatures
+  bit-identical to datasketch's (tested).
+- ours `xxh32`: the same shingles, xxHash32 per shingle (a different hash: different signatures, same
+  estimator).
+- ours `xxh32-words` (the default): no shingle strings at all: each word hashed once with xxHash32, each
+  5-gram's hash = Σ_k xxh32(word_k)·M_k mod 2^32 computed with numpy over the batch, then the permutation.
+  The same shingle sets as the others, hashed differently: its signatures are not datasketch's (datasketch
+  reproduces them when given this function as `hashfunc`, tested), its Jaccard estimates are as accurate.
+- rensa `RMinHash` (when `pip install rensa` is present; never a project dependency): the same shingles
+  decoded to str, its own hash.
 
-Last line: {"benchmark": "minhash", "metrics": {...}}.
+The ratios compare ours (`xxh32-words`) with each baseline's median.
+
+    .venv/bin/python benchmarks/minhash.py [--docs 2000] [--repeat 3]
+
+Last line: {"benchmark": "minhash", "metrics": {...}}, also appended to benchmarks/results/minhash.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _record import record, spread  # noqa: E402
 from datasketch import MinHash  # noqa: E402
 
 from dataprep.dedup.minhash import MinHasher, word_shingles  # noqa: E402
@@ -34,16 +57,18 @@ def corpus(docs: int, words: int = 500) -> list[str]:
     return [" ".join(rng.choice(vocabulary) for _ in range(words)) for _ in range(docs)]
 
 
-def rate(label: str, function, texts: list[str], repeat: int = 3) -> float:
-    """Best of `repeat` timed passes (the machine's other load only ever slows a pass down)."""
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
+def rounds(paths: dict[str, Callable[[list[str]], Any]], texts: list[str], repeat: int) -> dict[str, list[float]]:
+    """docs/s of every path in each of `repeat` rounds, after one untimed warm-up pass of each."""
+    for function in paths.values():
         function(texts)
-        best = min(best, time.perf_counter() - started)
-    docs_per_s = len(texts) / best
-    print(f"{label:28s} {docs_per_s:10.0f} docs/s", flush=True)
-    return docs_per_s
+    rates: dict[str, list[float]] = {name: [] for name in paths}
+    for number in range(repeat):
+        for name, function in paths.items():
+            started = time.perf_counter()
+            function(texts)
+            rates[name].append(len(texts) / (time.perf_counter() - started))
+        print(f"round {number + 1}: " + ", ".join(f"{n} {r[-1]:.0f}" for n, r in rates.items()), flush=True)
+    return rates
 
 
 def datasketch_update(texts: list[str]) -> None:
@@ -79,25 +104,27 @@ def rensa(texts: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     texts = corpus(args.docs)
-    metrics: dict[str, float] = {
-        "datasketch_update": rate("datasketch update loop", datasketch_update, texts[: max(200, args.docs // 10)]),
-        "datasketch_update_batch": rate("datasketch update_batch", datasketch_update_batch, texts),
-        "datasketch_bulk": rate("datasketch bulk", datasketch_bulk, texts),
-        "ours_sha1": rate("ours (sha1, exact datasketch)", ours("sha1"), texts),
-        "ours_xxh32": rate("ours (xxh32 per shingle)", ours("xxh32"), texts),
-        "ours_xxh32_words": rate("ours (xxh32-words, default)", ours("xxh32-words"), texts),
-    }
+    paths: dict[str, Callable[[list[str]], Any]] = {
+        "datasketch_update": datasketch_update, "datasketch_update_batch": datasketch_update_batch,
+        "datasketch_bulk": datasketch_bulk, "ours_sha1": ours("sha1"), "ours_xxh32": ours("xxh32"),
+        "ours_xxh32_words": ours("xxh32-words")}
     try:
-        metrics["rensa"] = rate("rensa RMinHash", rensa, texts)
+        import rensa as _  # noqa: F401
+
+        paths["rensa"] = rensa
     except ImportError:
         print("rensa not installed: skipped", flush=True)
-    for name in ("datasketch_update", "datasketch_bulk", "rensa"):
-        if name in metrics:
-            metrics[f"ours_vs_{name}"] = round(metrics["ours_xxh32_words"] / metrics[name], 2)
-    metrics = {key: round(value, 2) for key, value in metrics.items()}
-    print(json.dumps({"benchmark": "minhash", "metrics": metrics}))
+    rates = rounds(paths, texts, args.repeat)
+    metrics: dict[str, Any] = {"docs": len(texts), "repeat": args.repeat,
+                               "docs_per_s": {name: spread(values) for name, values in rates.items()}}
+    ours_median = statistics.median(rates["ours_xxh32_words"])
+    for name in ("datasketch_update", "datasketch_update_batch", "datasketch_bulk", "rensa"):
+        if name in rates:
+            metrics[f"ours_vs_{name}"] = round(ours_median / statistics.median(rates[name]), 2)
+    record("minhash", metrics)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """Benchmark: decoding and serving, all figures from the same run on the same weights.
 
-1. KV cache vs recomputation: greedy batch-1 decode of 128 and 512 new tokens with our engine (KV cache; median
-   of 5 runs) and with a loop that recomputes the whole sequence every step.
-2. Ours vs Hugging Face `transformers` `generate` (greedy, batch 1, its own KV cache) on the same exported
-   weights (`workers.export` → `AutoModelForCausalLM`), fp32; 3 interleaved runs each, medians compared.
+1. KV cache vs recomputation: greedy batch-1 decode of 128 and 512 new tokens with our engine (KV cache) and
+   with a loop that recomputes the whole sequence every step through the same model's full forward pass
+   (`engine.model`, the forward the engine's prefill uses), both under `torch.inference_mode()`, each warmed
+   up once, then `--repeat` (5) interleaved rounds; medians with min-max.
+2. Ours vs Hugging Face `transformers` `generate` (greedy, batch 1) on the same exported weights
+   (`workers.export` → `AutoModelForCausalLM`), fp32, in two modes: its default dynamic KV cache and its
+   static cache (`cache_implementation="static"`, the mode its docs recommend for fast CPU/GPU decoding;
+   `torch.compile` on top was not measured here); each warmed up, `--repeat` interleaved rounds, medians.
 3. For each engine dtype (`--served-dtype`, default float32 and bfloat16):
    a. the engine alone: its scheduler thread with 1 and 16 concurrent asyncio clients in this process;
    b. served: the Ray Serve app on loopback (ingress + one engine replica with `--engine-cpus` CPUs, access
@@ -13,16 +17,16 @@
 
 The model is the `small` preset shape (random weights, 8,192 vocabulary, context 1,024: about 12 M parameters).
 
-    .venv/bin/python benchmarks/serve.py [--threads 2] [--served-requests 12] [--served-only]
+    .venv/bin/python benchmarks/serve.py [--threads 2] [--served-requests 12] [--repeat 5]
+                                         [--served-only | --decode-only]
 
-Last line: {"benchmark": "serve", "metrics": {...}}.
+Last line: {"benchmark": "serve", "metrics": {...}}, also appended to benchmarks/results/serve.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import statistics
@@ -30,10 +34,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _record import record, spread  # noqa: E402
 
 from dataprep.tokenize.tokenizer import EOT_TOKEN, save_tokenizer, train_bpe  # noqa: E402
 from serving.engine import Engine  # noqa: E402
@@ -69,18 +76,19 @@ def ours(engine: Engine, prompt: list[int], tokens: int) -> float:
 def recompute(engine: Engine, prompt: list[int], tokens: int) -> float:
     sequence = list(prompt)
     started = time.perf_counter()
-    with torch.no_grad():
+    with torch.inference_mode():
         for _ in range(tokens):
             sequence.append(int(engine.model(torch.tensor([sequence]))[0, -1].argmax()))
     return tokens / (time.perf_counter() - started)
 
 
-def hf_generate(model: object, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
+def hf_generate(model: object, prompt: list[int], tokens: int, cache: str | None = None) -> tuple[float, list[int]]:
     ids = torch.tensor([prompt])
-    with torch.no_grad():
+    options = {"cache_implementation": cache} if cache else {}
+    with torch.inference_mode():
         started = time.perf_counter()
         out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,  # type: ignore
-                             eos_token_id=None, pad_token_id=0)
+                             eos_token_id=None, pad_token_id=0, **options)
     return tokens / (time.perf_counter() - started), out[0, len(prompt):].tolist()
 
 
@@ -181,30 +189,44 @@ def served(hf_dir: Path, clients_list: list[int], requests_per_client: int, toke
     return results
 
 
-def decode_comparisons(engine: Engine, hf_dir: Path, prompt: list[int], metrics: dict[str, object]) -> None:
+def interleaved(runs: dict[str, Any], repeat: int) -> dict[str, list[float]]:
+    """tokens/s of each zero-argument run: one warm-up each, then `repeat` rounds timing every run once."""
+    for run in runs.values():
+        run()
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            rates[name].append(run())
+    return rates
+
+
+def decode_comparisons(engine: Engine, hf_dir: Path, prompt: list[int], metrics: dict[str, object],
+                       repeat: int) -> None:
     """KV cache vs recomputation at 128 and 512 new tokens; ours vs transformers generate at 256."""
-    for tokens in (128, 512):  # ours: median of 5 runs (this VM's memory bandwidth wanders)
-        cached, full = statistics.median(ours(engine, prompt, tokens) for _ in range(5)), \
-            recompute(engine, prompt, tokens)
-        metrics[f"kv_tokens_per_s_{tokens}"] = round(cached, 1)
-        metrics[f"recompute_tokens_per_s_{tokens}"] = round(full, 1)
+    for tokens in (128, 512):
+        rates = interleaved({"kv": lambda t=tokens: ours(engine, prompt, t),
+                             "recompute": lambda t=tokens: recompute(engine, prompt, t)}, repeat)
+        cached, full = statistics.median(rates["kv"]), statistics.median(rates["recompute"])
+        metrics[f"kv_tokens_per_s_{tokens}"] = spread(rates["kv"])
+        metrics[f"recompute_tokens_per_s_{tokens}"] = spread(rates["recompute"])
         metrics[f"kv_speedup_{tokens}"] = round(cached / full, 2)
         print(f"{tokens} new tokens: KV cache {cached:,.0f} tok/s, recompute {full:,.0f} tok/s "
-              f"({cached / full:.1f}x)")
+              f"({cached / full:.1f}x, medians of {repeat})")
     hf_model = load_hf(hf_dir)
-    our_runs, hf_runs = [], []
-    for _ in range(3):  # interleaved, so both see the same machine state; medians compared
-        our_runs.append(ours(engine, prompt, 256))
-        hf_speed, hf_tokens = hf_generate(hf_model, prompt, 256)
-        hf_runs.append(hf_speed)
-    our_speed, hf_speed = statistics.median(our_runs), statistics.median(hf_runs)
+    _, hf_tokens = hf_generate(hf_model, prompt, 256)
+    rates = interleaved({"ours": lambda: ours(engine, prompt, 256),
+                         "hf_dynamic": lambda: hf_generate(hf_model, prompt, 256)[0],
+                         "hf_static": lambda: hf_generate(hf_model, prompt, 256, "static")[0]}, repeat)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
     same = engine.generate(prompt, SamplingParams(max_tokens=256, temperature=0, ignore_eos=True)).output_ids
-    metrics.update({"ours_tokens_per_s_256": round(our_speed, 1),
-                    "hf_generate_tokens_per_s_256": round(hf_speed, 1), "vs_hf": round(our_speed / hf_speed, 2),
-                    "vs_hf_runs": [round(a / b, 2) for a, b in zip(our_runs, hf_runs, strict=True)],
+    metrics.update({"ours_tokens_per_s_256": spread(rates["ours"]),
+                    "hf_generate_tokens_per_s_256": spread(rates["hf_dynamic"]),
+                    "hf_generate_static_cache_tokens_per_s_256": spread(rates["hf_static"]),
+                    "vs_hf": round(medians["ours"] / medians["hf_dynamic"], 2),
+                    "vs_hf_static_cache": round(medians["ours"] / medians["hf_static"], 2),
                     "greedy_tokens_equal_hf": sum(a == b for a, b in zip(same, hf_tokens, strict=False))})
-    print(f"256 new tokens: ours {our_speed:,.0f} tok/s, transformers generate {hf_speed:,.0f} tok/s "
-          f"({our_speed / hf_speed:.2f}x, medians of 3 interleaved runs); "
+    print(f"256 new tokens: ours {medians['ours']:,.0f} tok/s, transformers generate {medians['hf_dynamic']:,.0f} "
+          f"(dynamic cache), {medians['hf_static']:,.0f} (static cache) tok/s, medians of {repeat}; "
           f"greedy tokens equal for {metrics['greedy_tokens_equal_hf']}/256")
 
 
@@ -217,6 +239,8 @@ def main() -> None:
     parser.add_argument("--served-dtype", nargs="+", default=["float32", "bfloat16"],
                         help="engine dtypes to serve with (each one measured at 1, 4 and 16 clients)")
     parser.add_argument("--served-only", action="store_true", help="skip the in-process decode comparisons")
+    parser.add_argument("--decode-only", action="store_true", help="only the in-process decode comparisons")
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds of the decode comparisons")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
@@ -227,8 +251,8 @@ def main() -> None:
         metrics: dict[str, object] = {"parameters": params, "threads": args.threads,
                                       "eos_token": engine.tokenizer.token_to_id(EOT_TOKEN)}
         if not args.served_only:
-            decode_comparisons(engine, hf_dir, prompt, metrics)
-        for dtype in args.served_dtype:
+            decode_comparisons(engine, hf_dir, prompt, metrics, args.repeat)
+        for dtype in [] if args.decode_only else args.served_dtype:
             alone = in_process(hf_dir, [1, 16], args.served_requests, args.served_tokens, dtype)
             suffix = "" if dtype == "float32" else f"_{dtype}"
             metrics[f"engine_in_process{suffix}"] = alone
@@ -237,7 +261,7 @@ def main() -> None:
             serving = served(hf_dir, [1, 4, 16], args.served_requests, args.served_tokens, args.engine_cpus, dtype)
             metrics[f"served{suffix}"] = serving
             metrics[f"served_16_vs_1{suffix}"] = round(serving["16"]["tokens_per_s"] / serving["1"]["tokens_per_s"], 2)
-    print(json.dumps({"benchmark": "serve", "metrics": metrics}))
+    record("serve", metrics)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def serve(
     config: ConfigArg,
     model: Annotated[Path | None, typer.Option(help="pretrain stage, HF export or checkpoint (default: this run's)")]
     = None,
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port on 127.0.0.1")] = 8000,
     once: Annotated[bool, typer.Option("--once", help="answer one example request, then stop (the demo)")] = False,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (weights and KV cache)")] = "float32",
     engine_cpus: Annotated[float, typer.Option(help="CPUs per engine replica")] = 1.0,
@@ -254,15 +254,15 @@ def _check_model(model: Path) -> None:
 @app.command()
 def plan(
     model: Annotated[str, typer.Option(help="preset: tiny, small, 125m, 350m, 760m, 1b")] = "1b",
-    gpus: Annotated[int, typer.Option(min=1)] = 8,
+    gpus: Annotated[int, typer.Option(min=1, help="data-parallel GPUs (FSDP shards over all of them)")] = 8,
     dtype: Annotated[str, typer.Option(help="bf16 or fp32")] = "bf16",
     gpu: Annotated[str, typer.Option(help="H100, H200, A100, L40S, L4, A10G, A10, V100")] = "H100",
-    micro_batch: Annotated[int, typer.Option(min=1)] = 8,
+    micro_batch: Annotated[int, typer.Option(min=1, help="sequences per GPU per step")] = 8,
     seq_len: Annotated[int | None, typer.Option(help="default: the preset's context")] = None,
     vocab_size: Annotated[int | None, typer.Option(help="default: the preset's")] = None,
-    mfu: Annotated[float, typer.Option(min=0.01, max=1.0)] = 0.4,
+    mfu: Annotated[float, typer.Option(min=0.01, max=1.0, help="model FLOPs utilisation assumed for the time")] = 0.4,
     tokens: Annotated[float | None, typer.Option(help="training tokens (default: 20 per parameter)")] = None,
-    activation_checkpointing: Annotated[bool, typer.Option()] = False,
+    activation_checkpointing: Annotated[bool, typer.Option(help="recompute activations in the backward pass")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
 ) -> None:
     """Memory per GPU (with and without FSDP), Chinchilla tokens, 6·N·D FLOPs and time at an MFU."""
@@ -300,7 +300,7 @@ def train_quality(config: ConfigArg, address: AddressOpt = None, local: LocalOpt
 def train_toxicity(
     labels: Annotated[Path, typer.Argument(help="Jigsaw-layout CSV: comment_text (or text), toxic (0/1)")],
     out: Annotated[Path, typer.Option(help="where the fastText model goes")],
-    epoch: Annotated[int, typer.Option(min=1)] = 25,
+    epoch: Annotated[int, typer.Option(min=1, help="passes over the training examples")] = 25,
     quantize: Annotated[bool, typer.Option(help="write a small quantised .ftz model")] = True,
 ) -> None:
     """Train a fastText toxicity classifier (labels toxic / clean) on local Ray, with held-out scores."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +77,7 @@ def test_default_chain_on_real_samples(crawl_dir: Path) -> None:
                for doc in _crawl_docs(crawl_dir / name)]
     result = run_chain(steps, resources, [d["doc_id"] for d in english], [d["text"] for d in english])
     assert result.language.count("en") == len(english) == 37
-    assert result.kept.sum() >= 22  # 25 of 37 at the time of writing; the drops are nav-heavy pages
+    assert result.kept.sum() == 25, result.kept.sum()  # of 37; the drops are nav-heavy pages
 
 
 def test_bundled_toxicity_model_on_clear_cases() -> None:
@@ -86,8 +85,37 @@ def test_bundled_toxicity_model_on_clear_cases() -> None:
     assert set(model.labels) == {"toxic", "clean"}
     scores = model.probability(["shut up you fucking idiot, this is shit", ENGLISH], "toxic")
     assert scores[0] > 0.5 > scores[1]
-    metrics = json.loads(default_toxicity_path().with_name(default_toxicity_path().name + ".json").read_text())
-    assert metrics["held_out"]["precision"] > 0.6 and metrics["held_out"]["recall"] > 0.6
+
+
+# Written for this test, never seen in training (the model learnt from prose-sample sentences labelled by
+# alt-profanity-check): 12 insults and 12 ordinary sentences.
+HELD_OUT_TOXIC = [
+    "shut up you stupid idiot", "you are a worthless piece of shit", "go to hell you fucking moron",
+    "what a dumb bitch", "this is bullshit and you are an asshole", "fuck off and die", "you ugly stupid bastard",
+    "nobody cares about your crap, dickhead", "screw you, loser, you suck", "that damn idiot ruined everything",
+    "kiss my ass", "you are such a pathetic jerk"]
+HELD_OUT_CLEAN = [
+    "The river flows north through the valley before reaching the sea.",
+    "Please send the report to the committee by Friday afternoon.",
+    "The library opens at nine and closes at six on weekdays.",
+    "She planted tomatoes and basil in the garden last spring.",
+    "The function returns a list of integers sorted in ascending order.",
+    "Our train was delayed by twenty minutes because of the snow.",
+    "He thanked the volunteers for their help with the festival.",
+    "The museum has a large collection of medieval manuscripts.",
+    "Add two cups of flour and stir until the batter is smooth.",
+    "The bridge was completed in 1932 after four years of work.",
+    "Students may borrow up to five books at a time.",
+    "The weather forecast predicts light rain in the evening."]
+
+
+def test_bundled_toxicity_model_on_a_labelled_held_out_set() -> None:
+    model = FastTextClassifier.load(default_toxicity_path())
+    examples = [("toxic", text) for text in HELD_OUT_TOXIC] + [("clean", text) for text in HELD_OUT_CLEAN]
+    scores = precision_recall(model, examples, "toxic")
+    # 10 of 12 insults caught ("nobody cares about your crap, dickhead" and "that damn idiot ruined everything"
+    # missed), 1 false alarm ("Students may borrow up to five books at a time."): exact on this fixed data
+    assert scores["precision"] == pytest.approx(10 / 11) and scores["recall"] == pytest.approx(10 / 12)
 
 
 def test_blocklist_counts_words_and_removes_lines() -> None:
