@@ -62,6 +62,25 @@ def _url_hash(url: str | None) -> int:
     return 0 if normal is None else _signed_hash(normal)
 
 
+ATTEMPTS_DIR = ".attempts"
+
+
+def _mark_attempt(target: Path) -> None:
+    """Record that an attempt at `target` started: a second attempt (Ray retrying the task after its worker or
+    node died) finds the first's marker and leaves a `.retried` one, which `_retried` counts."""
+    folder = target.parent / ATTEMPTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    started = folder / f"{target.name}.started"
+    if started.exists():
+        (folder / f"{target.name}.retried").touch()
+    started.touch()
+
+
+def _retried(sig_dir: Path) -> int:
+    """How many signature shards were computed more than once (recovery after a lost worker)."""
+    return len(list((sig_dir / ATTEMPTS_DIR).glob("*.retried")))
+
+
 @ray.remote(num_cpus=1)
 def signature_task(source: str, target: str, tmp_dir: str, config: DedupConfig) -> tuple[int, int]:
     """Keys of one input shard → `target` (skipped when it exists). Returns (documents, documents shingled by
@@ -69,6 +88,7 @@ def signature_task(source: str, target: str, tmp_dir: str, config: DedupConfig) 
     if Path(target).exists():
         kinds = pq.read_table(target, columns=["char_shingles"])["char_shingles"]
         return len(kinds), int(pc.sum(kinds).as_py() or 0)
+    _mark_attempt(Path(target))
     table = pq.read_table(source, columns=["doc_id", "text", "url"])
     doc_ids, texts, urls = (table[c].to_pylist() for c in ("doc_id", "text", "url"))
     hasher = MinHasher(num_perm=config.num_perm, seed=config.seed, shingle_hash=config.shingle_hash)
@@ -180,11 +200,13 @@ def filter_task(source: str, target: str, tmp_dir: str, removed: np.ndarray) -> 
 BUCKET_ATTEMPTS = 3
 
 
-def _bucket_edges(sig_paths: list[Path], methods: list[str], num_actors: int) -> tuple[dict[str, np.ndarray], int]:
+def _bucket_edges(sig_paths: list[Path], methods: list[str], num_actors: int
+                  ) -> tuple[tuple[dict[str, np.ndarray], int], int]:
     """Route every key to fresh bucket actors and collect star edges; redone when an actor is lost.
 
     Actor state lives in memory only, so losing an actor (its node died) restarts this phase from the
-    published signature shards with new actors; the result does not depend on where actors ran.
+    published signature shards with new actors; the result does not depend on where actors ran. Returns
+    ((edges per method, peak bytes held by one actor), times the phase was redone).
     """
     def bucket(actors: list[Any]) -> tuple[dict[str, np.ndarray], int]:
         ray.get([route_task.remote(str(p), actors, methods) for p in sig_paths])
@@ -211,7 +233,7 @@ def run_dedup(
         signature_task.remote(str(s), str(t), str(tmp_dir), config) for s, t in zip(sources, sig_paths, strict=True)
     ])
     docs_in, char_docs = sum(docs for docs, _ in counted), sum(chars for _, chars in counted)
-    edges, peak_actor_bytes = _bucket_edges(sig_paths, config.methods(), config.num_actors)
+    (edges, peak_actor_bytes), bucket_redone = _bucket_edges(sig_paths, config.methods(), config.num_actors)
     candidates = {m: np.unique(e, axis=0) if len(e) else e.reshape(0, 2) for m, e in edges.items()}
     involved = np.unique(np.concatenate([e.reshape(-1) for e in candidates.values()] or [np.empty(0, np.int64)]))
     info: dict[int, DocInfo] = {}
@@ -253,5 +275,6 @@ def run_dedup(
         "shingles": {"setting": config.shingle, "ngram": config.ngram, "word_documents": docs_in - char_docs,
                      "char_documents": char_docs},
         "peak_actor_bytes": int(peak_actor_bytes),
+        "recovery": {"signature_tasks_retried": _retried(work_dir / "sig"), "bucket_phase_redone": bucket_redone},
     }
     return stats, rows

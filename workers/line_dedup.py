@@ -265,9 +265,10 @@ def _hash_all(
 
 def _run_with_actors(
     sources: list[Path], out_data: Path, out_removed: Path, tmp_dir: Path, config: LineDedupConfig, work: Path
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], tuple[np.ndarray, np.ndarray], dict[str, float]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], tuple[np.ndarray, np.ndarray], dict[str, float],
+           int]:
     """Hash, count, then remove; the actor phases are redone with fresh actors if one is lost. Also returns the
-    seconds of the hashing, counting and removal passes."""
+    seconds of the hashing, counting and removal passes, and how many times the actor phases were redone."""
     started = time.perf_counter()
     work_paths, capacities = _hash_all(sources, work, tmp_dir, config)
     hashed = time.perf_counter()
@@ -281,8 +282,9 @@ def _run_with_actors(
         seconds = {"hash": hashed - started, "count": removing - counting, "remove": time.perf_counter() - removing}
         return results, summaries, top, seconds
 
-    return with_fresh_actors(lambda: _actors(capacities, config), count_and_remove,
-                             ATTEMPTS, "line dedup counting")
+    (results, summaries, top, seconds), redone = with_fresh_actors(
+        lambda: _actors(capacities, config), count_and_remove, ATTEMPTS, "line dedup counting")
+    return results, summaries, top, seconds, redone
 
 
 def run_line_dedup(
@@ -305,10 +307,11 @@ def run_line_dedup(
         return _stats(config, results, [], (np.empty(0, np.uint64), np.empty(0, np.int64)), {})
     work = work_dir or tmp_dir / WORK_DIR_NAME
     try:
-        results, summaries, top, seconds = _run_with_actors(sources, out_data, out_removed, tmp_dir, config, work)
+        results, summaries, top, seconds, redone = _run_with_actors(
+            sources, out_data, out_removed, tmp_dir, config, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return _stats(config, results, summaries, top, seconds)
+    return {**_stats(config, results, summaries, top, seconds), "actor_phase_redone": redone}
 
 
 def _top_rows(results: list[dict[str, Any]], top: tuple[np.ndarray, np.ndarray], rule: str) -> list[dict[str, Any]]:

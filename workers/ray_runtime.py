@@ -39,6 +39,16 @@ def ray_temp_dir(preferred: Path) -> Path:
     return short
 
 
+QUIET_LOGGERS = {"ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR}
+
+
+def quiet_worker_logs() -> None:
+    """Ray worker setup hook (local mode without the dashboard): silence warnings that only say the State API
+    (served by the dashboard) is absent."""
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
 class ClusterUnavailableError(ConnectionError):
     """`ray.address` names a Ray cluster that cannot be reached."""
 
@@ -89,6 +99,9 @@ def init_ray(
                 _temp_dir=str(directory),
                 configure_logging=False,
                 log_to_driver=True,
+                # without the dashboard there is no State API: Ray Train's placement-group cleaner would warn
+                # about it every few seconds for the whole training run
+                runtime_env=None if dashboard else {"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"},
             )
         else:
             check_reachable(address)
@@ -102,14 +115,16 @@ def init_ray(
     return {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "cpus": resources.get("CPU", 0)}
 
 
-def with_fresh_actors(make: Callable[[], list[Any]], work: Callable[[list[Any]], T], attempts: int, phase: str) -> T:
+def with_fresh_actors(make: Callable[[], list[Any]], work: Callable[[list[Any]], T], attempts: int, phase: str
+                      ) -> tuple[T, int]:
     """`work(actors)` on actors from `make()`; when an actor is lost (its node died) the phase is redone with fresh
-    actors, up to `attempts` times (actor state lives in memory only). The actors are killed afterwards."""
+    actors, up to `attempts` times (actor state lives in memory only). The actors are killed afterwards.
+    Returns the result and how many times the phase was redone (the evidence that recovery ran)."""
     for attempt in range(1, attempts + 1):
         actors: list[Any] = []
         try:
             actors = make()
-            return work(actors)
+            return work(actors), attempt - 1
         except ray.exceptions.RayActorError as error:
             if attempt == attempts:
                 raise

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-from datasketch.lsh import _optimal_param
+from datasketch import MinHashLSH
 from pydantic import Field, model_validator
 
 from dataprep.dedup.lines import LineDedupConfig
@@ -85,8 +85,13 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weigh
     """(bands, rows) minimising weighted false positive/negative probability (datasketch's method)."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    bands, rows = _optimal_param(threshold, num_perm, fp_weight, fn_weight)
-    return int(bands), int(rows)
+    if fp_weight + fn_weight <= 0:
+        raise ValueError("the false positive and false negative weights cannot both be 0")
+    # datasketch's public index computes its optimum on construction (b bands of r rows); nothing is inserted.
+    # It wants weights summing to 1; the argmin of the weighted error is the same for any common scale.
+    total = fp_weight + fn_weight
+    index = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(fp_weight / total, fn_weight / total))
+    return int(index.b), int(index.r)
 
 
 def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:

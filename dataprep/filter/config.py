@@ -19,7 +19,8 @@ class FilterStepConfig(StageConfig):
     rule: RuleName
     name: str | None = Field(None, description="unique step name (default: the rule); names removed/<name>/")
     mode: Literal["drop", "annotate"] = "drop"
-    params: dict[str, Any] = Field(default_factory=dict, description="the rule's thresholds (defaults filled in)")
+    params: dict[str, Any] = Field(default_factory=dict, validate_default=True,
+                                   description="the rule's thresholds (defaults filled in)")
 
     @field_validator("params")
     @classmethod

@@ -9,6 +9,7 @@ vectors (a 2-D array for the "numpy" batch format, a fixed-size list column for 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,51 @@ def model_fingerprint(path: str | Path = DEFAULT_MODEL) -> str:
             while block := handle.read(_HASH_BLOCK):
                 digest.update(block)
     return digest.hexdigest()
+
+
+class QueryEncoder:
+    """One query at a time, as the retriever embeds them: the model's transformer as a TorchScript trace, frozen
+    and optimised for inference (oneDNN fusions, no Python per layer), then the model's own pooling and
+    normalisation modules; equal to `encode(model, [query])` within float rounding (tested). A model the tracer
+    cannot handle keeps the eager path."""
+
+    def __init__(self, model: SentenceTransformer) -> None:
+        self.model = model
+        self.traced = self._trace(model)
+
+    @staticmethod
+    def _trace(model: SentenceTransformer) -> Any:
+        import torch
+
+        eager = getattr(model[0], "auto_model", None)
+        if eager is None:
+            return None
+        sample = model.tokenize(["a sample query to trace the encoder with"])
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings on shape checks that hold for any one query
+                traced = torch.jit.trace(eager.eval(), (sample["input_ids"], sample["attention_mask"]),
+                                         strict=False, check_trace=False)
+                return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        except Exception:  # noqa: BLE001  (any model the tracer cannot handle keeps the eager path)
+            return None
+
+    def encode(self, query: str) -> np.ndarray:
+        """A (1, dim) C-contiguous float32 L2-normalised embedding."""
+        if self.traced is None:
+            return encode(self.model, [query])
+        import torch
+
+        features = self.model.tokenize([str(query)])
+        if "token_type_ids" in features and bool(features["token_type_ids"].any()):
+            return encode(self.model, [query])
+        with torch.inference_mode():
+            out = self.traced(features["input_ids"], features["attention_mask"])
+            features["token_embeddings"] = out["last_hidden_state"] if isinstance(out, dict) else out[0]
+            for index in range(1, len(self.model)):
+                features = self.model[index](features)
+            vector = torch.nn.functional.normalize(features["sentence_embedding"], p=2, dim=1)
+        return np.ascontiguousarray(vector.numpy(), dtype=np.float32)
 
 
 def embedding_dim(model: SentenceTransformer) -> int:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from dataprep.errors import FieldError
-from dataprep.rag.embedding import encode, load_encoder, model_fingerprint
+from dataprep.rag.embedding import QueryEncoder, load_encoder, model_fingerprint
 from dataprep.rag.index import ShardedIndex, check_compatible
 from dataprep.rag.lexical import BM25Index, reciprocal_rank_fusion, relative_score_fusion
 from dataprep.rag.prompt import RetrievedChunk
@@ -57,6 +57,7 @@ class Retriever:
         self.index, self.meta = ShardedIndex.load(stage_dir / INDEX_DIR)
         check_compatible(self.meta, model_name or model_path, model_fingerprint(model_path), self.meta.dim)
         self.encoder = load_encoder(model_path)
+        self.query_encoder = QueryEncoder(self.encoder)
         self.bm25 = BM25Index.load(stage_dir / BM25_DIR)
         table = pq.read_table(stage_dir / CHUNKS_DIR)
         self.rows = {int(row["row_id"]): row for row in table.to_pylist()}
@@ -70,7 +71,7 @@ class Retriever:
             raise RetrievalError("k", f"k must be between 1 and {self.max_k}, got {k}")
 
     def dense(self, query: str, k: int) -> list[tuple[int, float]]:
-        scores, ids = self.index.search(encode(self.encoder, [query]), k)
+        scores, ids = self.index.search(self.query_encoder.encode(query), k)
         return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
 
     def lexical(self, query: str, k: int) -> list[tuple[int, float]]:

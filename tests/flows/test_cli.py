@@ -35,6 +35,7 @@ def test_validate_prints_defaults(tmp_path: Path) -> None:
     config.write_text("run_dir: r\ningest:\n  inputs: [a.warc]\n")
     result = runner.invoke(app, ["validate", str(config)])
     assert result.exit_code == 0 and '"extractor": "resiliparse"' in result.output
+    assert '"min_doc_words": 50' in result.output  # filter steps show their effective thresholds, not {}
 
 
 def test_unknown_until_stage_is_refused(tmp_path: Path) -> None:

@@ -27,9 +27,12 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from tests.workers.test_dedup_workers import PARAMS, _corpus, _write_shards  # noqa: E402
 from workers.dedup import run_dedup  # noqa: E402
 
+RECOVERY: dict[str, dict] = {}
+
 
 def outcome(root: Path, sources: list[Path]) -> tuple[list, list]:
-    _, rows = run_dedup(sources, root / "work", root / "out", root / "tmp", PARAMS)
+    stats, rows = run_dedup(sources, root / "work", root / "out", root / "tmp", PARAMS)
+    RECOVERY[root.name] = stats["recovery"]
     kept = sorted(d for p in sorted((root / "out").glob("*.parquet")) for d in pq.read_table(p)["doc_id"].to_pylist())
     return sorted((r["doc_id"], r["representative_id"], r["method"]) for r in rows), kept
 
@@ -65,6 +68,8 @@ def main(folder: str) -> None:
         "sig_shards": len(sources),
         "duplicates": len(reference[0]),
         "alive_nodes": len([n for n in ray.nodes() if n["Alive"]]),
+        "recovery_clean": RECOVERY.get("clean"),
+        "recovery_disturbed": RECOVERY.get("disturbed"),
     }))
     ray.shutdown()
     cluster.shutdown()

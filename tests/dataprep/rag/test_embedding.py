@@ -85,3 +85,16 @@ def test_missing_model_directory_is_never_downloaded(tmp_path: Path) -> None:
         load_encoder("sentence-transformers/all-MiniLM-L6-v2")
     with pytest.raises(FileNotFoundError):
         model_fingerprint(tmp_path)
+
+
+def test_traced_query_encoder_equals_encode(minilm) -> None:
+    from dataprep.rag.embedding import QueryEncoder
+
+    queries = ["rivers", "How does the river flow through the valley before it reaches the sea?",
+               "东京的天气今天很好", " ".join(["long"] * 400)]  # the last is truncated at 256 tokens by both
+    encoder = QueryEncoder(minilm)
+    assert encoder.traced is not None, "MiniLM traces"
+    for query in queries:
+        traced, eager = encoder.encode(query), encode(minilm, [query])
+        assert traced.shape == eager.shape == (1, 384) and traced.dtype == np.float32
+        np.testing.assert_allclose(traced, eager, atol=2e-5)
