@@ -29,7 +29,9 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print each stage's a
                                          "nothing")]
 
 
-def _load(config_path: Path, address: str | None, local: bool) -> RunConfig:
+def _load(config_path: Path, address: str | None, local: bool, connect: bool = True) -> RunConfig:
+    """The config with --address/--local applied; with `connect`, a configured cluster address is reached now
+    (a wrong one is one line before any stage starts; `validate` and dry runs never connect)."""
     if address and local:
         raise typer.BadParameter("give either --local or --address, not both")
     try:
@@ -41,7 +43,7 @@ def _load(config_path: Path, address: str | None, local: bool) -> RunConfig:
         ray_cfg = config.ray.model_copy(update={"address": None if local else address})
         config = config.model_copy(update={"ray": ray_cfg})
     _RUN_DIR[0] = Path(config.run_dir)  # where an error's full trace goes (created only then: a dry run writes nothing)
-    if config.ray.address:  # reach the cluster now: a wrong --address is one line before any stage starts
+    if connect and config.ray.address:
         from flows.common import connect_ray
 
         _run(connect_ray, config)
@@ -89,8 +91,9 @@ def _run_pipeline(config: Path, until: str | None, address: str | None, local: b
     """The one path behind `run` and every stage command: plan (dry run) or run up to `until`."""
     from flows.pipeline import format_plan, pipeline_flow, plan_pipeline, stages_until
 
-    cfg = _load(config, address, local)
+    cfg = _load(config, address, local, connect=not dry_run)
     _run(stages_until, until)
+    _run(_check_protocols, cfg.ingest.inputs)
     if dry_run:
         typer.echo(format_plan(_run(plan_pipeline, cfg, until)))
         return cfg, {}
@@ -200,7 +203,8 @@ def serve(
     from flows.pipeline import pipeline_flow
 
     cfg = _load(config, address, local)
-    _run(_check_port, port)
+    if cfg.ray.address is None:  # local mode serves on this machine's loopback
+        _run(_check_port, port)
     if model is not None:
         _run(_check_model, model)
     target = model or Path(_run(pipeline_flow, cfg, "pretrain")["pretrain"]["path"])
@@ -228,11 +232,25 @@ def serve(
         serve.shutdown()
 
 
+def _check_protocols(inputs: list[str]) -> None:
+    """An ImportError naming the package (s3fs, gcsfs, ...) for an input URL whose fsspec protocol is not installed,
+    before any stage starts."""
+    import fsspec
+    from fsspec.core import split_protocol
+
+    for location in inputs:
+        for part in location.split("::"):  # chained URLs: simplecache::s3://...
+            protocol, _ = split_protocol(part)
+            if protocol and protocol not in ("file", "local"):
+                fsspec.get_filesystem_class(protocol)
+
+
 def _check_port(port: int) -> None:
     """PortInUseError naming the port when 127.0.0.1:`port` cannot be bound."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Serve's server does: TIME_WAIT is no clash
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as error:
@@ -350,7 +368,7 @@ def sample(
 @app.command()
 def validate(config: ConfigArg) -> None:
     """Check a config file and print it with every default filled in."""
-    cfg = _load(config, None, False)
+    cfg = _load(config, None, False, connect=False)
     typer.echo(cfg.model_dump_json(indent=2))
 
 

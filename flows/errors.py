@@ -1,10 +1,10 @@
 """User-facing errors of the CLI: one line naming the cause and the fix; the full trace goes to a log file.
 
-`explain(error)` turns the failures a user can fix (a missing file, a missing optional package, no Ray cluster
-at `--address`, a port in use, a bad value) into one sentence, or returns None for a bug (which keeps its
-traceback). `quiet_console_tracebacks()` stops Prefect's console handler from printing the tracebacks of failed
-task and flow runs (they still reach the Prefect server's run logs and `log_file()`), so the console shows the
-one line.
+`explain(error)` turns the failures a user can fix (a missing file, a missing third-party package, no Ray
+cluster at `--address`, a port in use, a bad value) into one sentence, or returns None for a bug (which keeps
+its traceback). `quiet_console_tracebacks()` stops Prefect's console handler from printing the tracebacks of
+failed task and flow runs (they stay in the Prefect server's flow-run logs), so the console shows the one line;
+the CLI writes that error's own full traceback to `log_file()`.
 """
 
 from __future__ import annotations
@@ -46,11 +46,17 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
+OUR_PACKAGES = ("dataprep", "workers", "flows", "serving", "benchmarks", "tests")
+
+
 def explain(error: BaseException) -> str | None:
     """One line for an error the user can fix, None for anything else."""
     error = root_cause(error)
     if isinstance(error, ImportError):
-        return _missing_module(error)
+        module = (error.name or "").split(".")[0]
+        fsspec_style = not module and any(name in str(error) for name in EXTRAS)
+        missing = isinstance(error, ModuleNotFoundError) and module and module not in OUR_PACKAGES
+        return _missing_module(error) if fsspec_style or missing else None  # else a bug in our imports
     if isinstance(error, FileNotFoundError):
         name = error.filename or ""
         return f"not found: {name} ({error.strerror or error})" if name else f"not found: {error}"

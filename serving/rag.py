@@ -6,6 +6,7 @@ the ingress asks it for ranked chunks, fits them into the serving model's contex
 `dataprep.rag.prompt.build_prompt` (its own tokenizer counts the final prompt) and sends the prompt to the engine.
 """
 
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +62,7 @@ class RetrieverServer:
     def __init__(self, stage: str, model_path: str, model_name: str | None, max_k: int,
                  hybrid: HybridConfig | None = None, threads: int | None = None) -> None:
         self.threads = threads
+        self.lock = threading.Lock()  # Serve may call a sync method from several threads; one search at a time
         self.use_threads()
         self.retriever = Retriever(Path(stage), model_path, model_name, max_k, hybrid)
 
@@ -74,10 +76,12 @@ class RetrieverServer:
 
     def search(self, query: str, k: int, mode: str) -> list[dict[str, Any]]:
         """Ranked chunks as plain data; a bad query raises `RetrievalError` naming the field."""
-        self.use_threads()
+        with self.lock:
+            self.use_threads()
+            found = self.retriever.search(query, k, mode)  # type: ignore[arg-type]
         return [{"rank": rank, "chunk_id": c.chunk_id, "doc_id": c.doc_id, "url": c.url, "score": c.score,
                  "start_char": c.start_char, "end_char": c.end_char, "text": c.text}
-                for rank, c in enumerate(self.retriever.search(query, k, mode), start=1)]  # type: ignore[arg-type]
+                for rank, c in enumerate(found, start=1)]
 
     def info(self) -> dict[str, Any]:
         meta = self.retriever.meta

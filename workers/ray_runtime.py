@@ -1,15 +1,18 @@
 """Start or attach to Ray: local single-node mode on loopback, or an existing cluster by address.
 
 Ray's gRPC servers (GCS, raylet, workers, agents) listen on every interface whatever `_node_ip_address` says;
-what keeps a local session closed is Ray's token authentication, which `flows._env` turns on with a
-per-process secret before Ray is imported (Ray reads its auth settings at import).
+what keeps a local session closed is Ray's token authentication, which `use_local_token` turns on for a local
+start with a per-process secret (not Ray's default `~/.ray/auth_token`). Attaching to a cluster leaves its
+auth settings alone, and a user's own RAY_AUTH_MODE / RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH always win.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +40,34 @@ def ray_temp_dir(preferred: Path) -> Path:
     short = Path("/tmp") / f"forgeline-ray-{digest}"
     log.info("Ray temp dir %s is too long for unix sockets; using %s", preferred, short)
     return short
+
+
+RAY_AUTH_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+TOKEN_DIR = "auth"
+
+
+def use_local_token(directory: Path) -> Path | None:
+    """Token authentication for the local Ray this process starts: a new random 256-bit token in
+    `directory`/auth/<pid>.token, created with mode 0600 (never readable by others, not even briefly) and deleted
+    at exit; RAY_AUTH_TOKEN_PATH and RAY_AUTH_MODE=token are set for Ray's processes, and this process's Ray
+    config is refreshed the way `ray.init` itself does it. Nothing changes when the user configured Ray's auth."""
+    if any(key in os.environ for key in RAY_AUTH_KEYS):
+        return None
+    folder = directory / TOKEN_DIR
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / f"{os.getpid()}.token"
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    atexit.register(path.unlink, missing_ok=True)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
+
+    _enable_token_auth()  # RAY_AUTH_MODE=token, then Ray re-reads its config (what ray.init does by default)
+    AuthenticationTokenLoader.instance().reset_cache()
+    return path
 
 
 QUIET_LOGGERS = {"ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR}
@@ -89,6 +120,7 @@ def init_ray(
                 os.environ.setdefault(key, value)
             directory = ray_temp_dir(temp_dir)
             directory.mkdir(parents=True, exist_ok=True)
+            use_local_token(directory)
             ray.init(
                 num_cpus=num_cpus,
                 object_store_memory=object_store_memory_mb * 2**20 if object_store_memory_mb else None,

@@ -13,8 +13,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-from datasketch import MinHashLSH
 from pydantic import Field, model_validator
+from scipy.integrate import quad
 
 from dataprep.dedup.lines import LineDedupConfig
 from dataprep.dedup.minhash import char_shingles, fmix32, jaccard, normalise_text, shingle_kind, word_shingles
@@ -81,17 +81,31 @@ class DedupConfig(StageConfig):
 METHODS = ("exact", "url", "fuzzy")
 
 
+def _false_positive(threshold: float, bands: int, rows: int) -> float:
+    """Probability mass of pairs below `threshold` that share a band: ∫_0^t 1 - (1 - s^r)^b ds."""
+    return float(quad(lambda s: 1 - (1 - s ** rows) ** bands, 0.0, threshold)[0])
+
+
+def _false_negative(threshold: float, bands: int, rows: int) -> float:
+    """Probability mass of pairs at or above `threshold` that share no band: ∫_t^1 (1 - s^r)^b ds."""
+    return float(quad(lambda s: (1 - s ** rows) ** bands, threshold, 1.0)[0])
+
+
 def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
-    """(bands, rows) minimising weighted false positive/negative probability (datasketch's method)."""
+    """(bands, rows) minimising fp_weight · P(false positive) + fn_weight · P(false negative), integrated over
+    Jaccard similarity (the method datasketch's MinHashLSH uses; equal to it when the weights sum to 1)."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    if fp_weight + fn_weight <= 0:
-        raise ValueError("the false positive and false negative weights cannot both be 0")
-    # datasketch's public index computes its optimum on construction (b bands of r rows); nothing is inserted.
-    # It wants weights summing to 1; the argmin of the weighted error is the same for any common scale.
-    total = fp_weight + fn_weight
-    index = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(fp_weight / total, fn_weight / total))
-    return int(index.b), int(index.r)
+    if fp_weight < 0 or fn_weight < 0 or fp_weight + fn_weight <= 0:
+        raise ValueError(f"weights must be non-negative and not both 0, got {fp_weight} and {fn_weight}")
+    best, best_error = (1, 1), float("inf")
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            error = (fp_weight * _false_positive(threshold, bands, rows)
+                     + fn_weight * _false_negative(threshold, bands, rows))
+            if error < best_error:
+                best, best_error = (bands, rows), error
+    return best
 
 
 def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:

@@ -127,15 +127,20 @@ def word_shingles(text: str, n: int = 5) -> list[bytes]:
 
 # Scripts written without spaces between words: Han, Hiragana, Katakana (and their extensions), Thai, Lao,
 # Khmer, Myanmar, Tibetan. Korean (Hangul) separates words with spaces and stays with word shingles.
-_SPACELESS = re.compile("[\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff"
-                        "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]")
+_SPACELESS_RANGES = ("\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff"
+                     "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f")
+_LETTER = re.compile(r"[^\W\d_]")  # word characters that are not digits or underscore
+_SPACELESS_LETTER = re.compile(rf"(?=[^\W\d_])[{_SPACELESS_RANGES}]")  # letters of those scripts only
 SPACELESS_SHARE = 0.3
+SCRIPT_SAMPLE_CHARS = 4096
 
 
 def spaceless_share(text: str) -> float:
-    """Share of the letters of `text` (digits and punctuation left out) in a script written without spaces."""
-    letters = sum(1 for ch in text if ch.isalpha())
-    return len(_SPACELESS.findall(text)) / letters if letters else 0.0
+    """Share of the letters of `text` (digits, punctuation and combining marks left out) in a script written
+    without spaces; only the first `SCRIPT_SAMPLE_CHARS` characters are looked at."""
+    sample = text[:SCRIPT_SAMPLE_CHARS]
+    letters = len(_LETTER.findall(sample))
+    return len(_SPACELESS_LETTER.findall(sample)) / letters if letters else 0.0
 
 
 def shingle_kind(text: str, threshold: float = SPACELESS_SHARE) -> str:

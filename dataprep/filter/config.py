@@ -57,7 +57,7 @@ class TrainQualityConfig(StageConfig):
     epoch: int = Field(25, ge=1)
     lr: float = Field(1.0, gt=0.0)
     word_ngrams: int = Field(2, ge=1)
-    bucket: int = Field(200_000, ge=0, description="hash buckets for word n-grams (fastText's default 2,000,000 "
+    bucket: int = Field(200_000, ge=1, description="hash buckets for word n-grams (fastText's default 2,000,000 "
                         "makes an 800 MB model whatever the data: size it to the vocabulary)")
     dim: int = Field(50, ge=1, description="vector size (fastText's default: 100)")
     quantize: bool = Field(True, description="product-quantise the model (a few MB instead of bucket × dim floats)")

@@ -72,7 +72,8 @@ class QueryEncoder:
 
     def __init__(self, model: SentenceTransformer) -> None:
         self.model = model
-        self.traced = self._trace(model)
+        # a model that prepends a default prompt in `encode` keeps the eager path (the trace would skip it)
+        self.traced = None if getattr(model, "default_prompt_name", None) else self._trace(model)
 
     @staticmethod
     def _trace(model: SentenceTransformer) -> Any:
@@ -101,7 +102,11 @@ class QueryEncoder:
         if "token_type_ids" in features and bool(features["token_type_ids"].any()):
             return encode(self.model, [query])
         with torch.inference_mode():
-            out = self.traced(features["input_ids"], features["attention_mask"])
+            try:
+                out = self.traced(features["input_ids"], features["attention_mask"])
+            except RuntimeError:  # an input the trace does not cover: the eager path, from now on
+                self.traced = None
+                return encode(self.model, [query])
             features["token_embeddings"] = out["last_hidden_state"] if isinstance(out, dict) else out[0]
             for index in range(1, len(self.model)):
                 features = self.model[index](features)

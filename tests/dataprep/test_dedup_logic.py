@@ -36,6 +36,15 @@ def test_lsh_params_match_datasketch(threshold: float, num_perm: int) -> None:
     assert lsh_params(threshold, num_perm) == (index.b, index.r)
 
 
+def test_lsh_params_weights_need_not_sum_to_one() -> None:
+    # only the ratio matters: (0.1, 0.3) is (0.25, 0.75); datasketch itself only takes weights summing to 1
+    index = MinHashLSH(threshold=0.7, num_perm=128, weights=(0.25, 0.75))
+    assert lsh_params(0.7, 128, 0.1, 0.3) == (index.b, index.r) == lsh_params(0.7, 128, 0.25, 0.75)
+    assert lsh_params(0.8, 128, 0.2, 0.8) != lsh_params(0.8, 128, 0.8, 0.2)  # the weights do matter
+    with pytest.raises(ValueError):
+        lsh_params(0.7, 128, 0.0, 0.0)
+
+
 def test_lsh_params_reject_bad_threshold() -> None:
     with pytest.raises(ValueError, match="threshold"):
         lsh_params(1.0, 128)

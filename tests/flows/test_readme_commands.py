@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import typer.main
 
 import flows.pipeline  # noqa: F401  (Prefect sets up its log handlers at import)
@@ -71,11 +70,3 @@ def test_console_script_runs_the_examples_that_need_no_run(tmp_path: Path) -> No
     dry = console("run", str(config), "--dry-run", cwd=tmp_path)
     assert dry.returncode == 0 and "ingest: RUN" in dry.stdout, dry.stdout + dry.stderr
     assert not (tmp_path / "run").exists(), "a dry run writes nothing"
-
-
-@pytest.mark.parametrize("name", ["run", "serve", "plan", "evaluate", "rag"])
-def test_help_documents_the_options(name: str) -> None:
-    from typer.testing import CliRunner
-
-    result = CliRunner().invoke(app, [name, "--help"])
-    assert result.exit_code == 0 and "--help" in result.output
