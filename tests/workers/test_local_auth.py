@@ -61,11 +61,14 @@ def sockets_of(pids: set[int]) -> set[tuple[int, str, int]]:
     return owned
 
 
-def dotted(address: str) -> str:
-    """The IPv4 address to reach a socket on: loopback for wildcard ones, else its own (little-endian hex)."""
-    if address.strip("0") == "" or len(address) > 8:
-        return "127.0.0.1"
-    return ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))
+def hosts(address: str) -> list[str]:
+    """Where to reach a socket: IPv6 ones on ::1 (and 127.0.0.1 when dual-stack), IPv4 wildcard ones on
+    127.0.0.1, others on their own address (/proc/net prints IPv4 as little-endian hex)."""
+    if len(address) > 8:
+        return ["127.0.0.1", "[::1]"]
+    if address.strip("0") == "":
+        return ["127.0.0.1"]
+    return [".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))]
 
 
 def grpc_codes(host: str, port: int, token: str | None) -> set[str]:
@@ -104,7 +107,11 @@ def test_no_socket_outside_loopback_accepts_unauthenticated_calls(ray_local: Non
     assert exposed, "expected Ray's gRPC servers on the wildcard address (if not, tighten this test)"
     refused_grpc = 0
     for pid, address, port in exposed:
-        host = dotted(address)
+        reachable = [h for h in hosts(address) if "UNAVAILABLE" not in grpc_codes(h, port, None)
+                     or not isinstance(http_status(f"http://{h}:{port}/")[0], str)]
+        if not reachable:  # the socket is going away (a worker shutting down): it accepts nothing
+            continue
+        host = reachable[0]
         without = grpc_codes(host, port, None)
         if "UNAUTHENTICATED" in without:
             assert "OK" not in without, f"pid {pid} {host}:{port} answered a call without the token"
