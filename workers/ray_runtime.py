@@ -74,10 +74,12 @@ QUIET_LOGGERS = {"ray.train.v2._internal.execution.controller.placement_group_cl
 
 
 def quiet_worker_logs() -> None:
-    """Ray worker setup hook (local mode without the dashboard): silence warnings that only say the State API
-    (served by the dashboard) is absent."""
+    """Ray worker setup hook (local mode): silence warnings that only say the State API (served by the dashboard)
+    is absent, and Ray Train's INFO dump of every `ray.train.report` (its logger is named after its file)."""
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    report_logger = Path(ray.__file__).parent / "train" / "v2" / "_internal" / "execution" / "context.py"
+    logging.getLogger(str(report_logger)).setLevel(logging.WARNING)
 
 
 class ClusterUnavailableError(ConnectionError):
@@ -131,9 +133,9 @@ def init_ray(
                 _temp_dir=str(directory),
                 configure_logging=False,
                 log_to_driver=True,
-                # without the dashboard there is no State API: Ray Train's placement-group cleaner would warn
-                # about it every few seconds for the whole training run
-                runtime_env=None if dashboard else {"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"},
+                # a readable console: without the dashboard there is no State API, and Ray Train's placement-group
+                # cleaner would warn about it every few seconds; Train also logs every report in full
+                runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"},
             )
         else:
             check_reachable(address)
