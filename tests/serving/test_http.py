@@ -238,6 +238,21 @@ def test_lm_evaluation_harness_local_completions(server: dict[str, str], tmp_pat
         model_args=f"model=tiny,base_url={server['base']}/v1/completions,tokenizer_backend=remote,"
                    "num_concurrent=1,max_retries=1",
         tasks=["tiny_choice", "tiny_gen"], task_manager=TaskManager(include_path=str(tmp_path)),
-        limit=4, log_samples=False)
+        limit=4, log_samples=True)
     assert 0.0 <= results["results"]["tiny_choice"]["acc,none"] <= 1.0
     assert "exact_match,none" in results["results"]["tiny_gen"]
+    # the harness's loglikelihoods are the engine's own: sum of the continuation's echoed prompt logprobs
+    checked = 0
+    with httpx.Client(base_url=server["base"], timeout=60) as client:
+        for sample in results["samples"]["tiny_choice"]:
+            context = sample["doc"]["question"]
+            for choice, response in zip(sample["doc"]["choices"], sample["resps"], strict=True):
+                harness_loglik = float(response[0][0])
+                prefix = len(client.post("/tokenize", json={"prompt": context}).json()["tokens"])
+                echoed = client.post("/v1/completions", json={
+                    "model": "tiny", "prompt": f"{context} {choice}", "max_tokens": 1, "echo": True,
+                    "logprobs": 0, "temperature": 0}).json()["choices"][0]["logprobs"]["token_logprobs"]
+                whole = len(client.post("/tokenize", json={"prompt": f"{context} {choice}"}).json()["tokens"])
+                assert harness_loglik == pytest.approx(sum(echoed[prefix:whole]), abs=1e-4)
+                checked += 1
+    assert checked == 8
