@@ -88,9 +88,21 @@ class _NoTraceback(logging.Formatter):
         return self.inner.format(bare)
 
 
+BOILERPLATE = ("Beginning flow run", "Beginning subflow run", "Finished in state Completed()", "Created task run",
+               "Executing '")
+
+
+class _NoBoilerplate(logging.Filter):
+    """Drops Prefect's per-run start/finish lines on the console: the stage's own lines (published, skipped,
+    counts) say the same; failures and everything else pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and record.getMessage().startswith(BOILERPLATE))
+
+
 def quiet_console_tracebacks() -> None:
     """Prefect's console handlers print failed runs' messages without tracebacks (FORGELINE_TRACEBACKS=1 keeps
-    them); other handlers (the API's run logs) are untouched."""
+    them) and without the per-run start/finish boilerplate; other handlers (the API's run logs) are untouched."""
     if os.environ.get("FORGELINE_TRACEBACKS") == "1":
         return
     from prefect.logging.handlers import PrefectConsoleHandler
@@ -99,6 +111,7 @@ def quiet_console_tracebacks() -> None:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _NoTraceback):
                 handler.setFormatter(_NoTraceback(handler.formatter))
+                handler.addFilter(_NoBoilerplate())
 
 
 TRACE_LOGGER = "forgeline.errors"
