@@ -1,5 +1,6 @@
 """Benchmark bookkeeping: every run's metrics appended to `benchmarks/results/NAME.jsonl` with the date, the
-commit and the machine, and printed as the script's last line; medians with min-max over repeated runs."""
+commit and the machine, and printed as the script's last line; medians with min-max over repeated runs; the
+one way every side of a comparison is timed (`interleaved`: a warm-up each, then interleaved rounds)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,31 @@ def spread(values: Sequence[float], digits: int = 1) -> dict[str, Any]:
     """The headline of repeated measurements: median, with min and max beside it."""
     return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
             "max": round(max(values), digits), "runs": len(values)}
+
+
+def per_second(items: int, work: Callable[[], Any]) -> Callable[[], float]:
+    """A run for `interleaved`: times one call of `work` and returns `items` per second."""
+    def run() -> float:
+        started = time.perf_counter()
+        work()
+        return items / (time.perf_counter() - started)
+
+    return run
+
+
+def interleaved(runs: Mapping[str, Callable[[], float]], repeat: int,
+                on_round: Callable[[int, dict[str, list[float]]], None] | None = None) -> dict[str, list[float]]:
+    """Each run (returning its rate) once untimed as a warm-up, then `repeat` rounds calling every run once in
+    turn, so a slow moment of the machine hits all sides alike. Returns the rates of each run per round."""
+    for run in runs.values():
+        run()
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for number in range(1, repeat + 1):
+        for name, run in runs.items():
+            rates[name].append(run())
+        if on_round is not None:
+            on_round(number, rates)
+    return rates
 
 
 def commit() -> str:

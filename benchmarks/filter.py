@@ -19,7 +19,6 @@ import glob
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyarrow.parquet as pq  # noqa: E402
-from _record import record, spread  # noqa: E402
+from _record import interleaved, per_second, record, spread  # noqa: E402
 
 from dataprep.filter.rules import HEURISTIC_RULES  # noqa: E402
 
@@ -106,14 +105,10 @@ def timed_rounds(chains: dict[str, Any], texts: list[str], repeat: int
                  ) -> tuple[dict[str, list[float]], dict[str, list]]:
     """Both chains alike: one untimed warm-up pass each, then `repeat` rounds, each timing every chain once in
     turn (interleaved, so a slow moment hits both). Returns docs/s per round and each chain's decisions."""
-    decisions = {name: chain(texts) for name, chain in chains.items()}  # warm-up (imports, caches, models)
-    rates: dict[str, list[float]] = {name: [] for name in chains}
-    for _ in range(repeat):
-        for name, chain in chains.items():
-            started = time.perf_counter()
-            decisions[name] = chain(texts)
-            rates[name].append(len(texts) / (time.perf_counter() - started))
-    return rates, decisions
+    decisions: dict[str, list] = {}
+    runs = {name: per_second(len(texts), lambda n=name, c=chain: decisions.__setitem__(n, c(texts)))
+            for name, chain in chains.items()}
+    return interleaved(runs, repeat), decisions
 
 
 def per_rule_confusion(texts: list[str]) -> dict[str, dict[str, object]]:

@@ -35,7 +35,6 @@ import argparse
 import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _record import record, spread  # noqa: E402
+from _record import interleaved, per_second, record, spread  # noqa: E402
 from datasketch import MinHash  # noqa: E402
 
 from dataprep.dedup.minhash import MinHasher, word_shingles  # noqa: E402
@@ -58,17 +57,12 @@ def corpus(docs: int, words: int = 500) -> list[str]:
 
 
 def rounds(paths: dict[str, Callable[[list[str]], Any]], texts: list[str], repeat: int) -> dict[str, list[float]]:
-    """docs/s of every path in each of `repeat` rounds, after one untimed warm-up pass of each."""
-    for function in paths.values():
-        function(texts)
-    rates: dict[str, list[float]] = {name: [] for name in paths}
-    for number in range(repeat):
-        for name, function in paths.items():
-            started = time.perf_counter()
-            function(texts)
-            rates[name].append(len(texts) / (time.perf_counter() - started))
-        print(f"round {number + 1}: " + ", ".join(f"{n} {r[-1]:.0f}" for n, r in rates.items()), flush=True)
-    return rates
+    """docs/s of every path in each of `repeat` interleaved rounds, after one untimed warm-up pass of each."""
+    def show(number: int, rates: dict[str, list[float]]) -> None:
+        print(f"round {number}: " + ", ".join(f"{n} {r[-1]:.0f}" for n, r in rates.items()), flush=True)
+
+    runs = {name: per_second(len(texts), lambda f=function: f(texts)) for name, function in paths.items()}
+    return interleaved(runs, repeat, show)
 
 
 def datasketch_update(texts: list[str]) -> None:

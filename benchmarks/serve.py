@@ -34,13 +34,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _record import record, spread  # noqa: E402
+from _record import interleaved, record, spread  # noqa: E402
 
 from dataprep.tokenize.tokenizer import EOT_TOKEN, save_tokenizer, train_bpe  # noqa: E402
 from serving.engine import Engine  # noqa: E402
@@ -187,17 +186,6 @@ def served(hf_dir: Path, clients_list: list[int], requests_per_client: int, toke
         print(f"served, {clients:2d} clients: {results[str(clients)]}")
     serve.shutdown()
     return results
-
-
-def interleaved(runs: dict[str, Any], repeat: int) -> dict[str, list[float]]:
-    """tokens/s of each zero-argument run: one warm-up each, then `repeat` rounds timing every run once."""
-    for run in runs.values():
-        run()
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeat):
-        for name, run in runs.items():
-            rates[name].append(run())
-    return rates
 
 
 def decode_comparisons(engine: Engine, hf_dir: Path, prompt: list[int], metrics: dict[str, object],
