@@ -10,7 +10,7 @@ import typer
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
 from flows.config import STAGES, ConfigError, RunConfig, load_config
-from flows.errors import PortInUseError, attach_log_file, explain, log_trace, quiet_console_tracebacks
+from flows.errors import PortInUseError, attach_log_file, explain, log_trace, quiet_console
 
 app = typer.Typer(
     help="forgeline: raw web crawl → curated corpus → trained and served language model.",
@@ -56,7 +56,7 @@ _RUN_DIR: list[Path | None] = [None]
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call `fn`; an error the user can fix (see `flows.errors.explain`) is one red line and exit code 2, its
     full trace in the run's log file. Anything else keeps its traceback."""
-    quiet_console_tracebacks()
+    quiet_console()
     try:
         return fn(*args, **kwargs)
     except Exception as error:
@@ -245,6 +245,12 @@ def _check_protocols(inputs: list[str]) -> None:
                 fsspec.get_filesystem_class(protocol)
 
 
+def _require_file(path: Path, what: str) -> None:
+    """FileNotFoundError naming `path` and `what` it should be, unless it is a file."""
+    if not path.is_file():
+        raise FileNotFoundError(2, what, str(path))
+
+
 def _check_port(port: int) -> None:
     """PortInUseError naming the port when 127.0.0.1:`port` cannot be bound."""
     import socket
@@ -325,10 +331,7 @@ def train_toxicity(
     from flows.config import RayConfig
     from flows.train import train_toxicity_flow
 
-    if not labels.is_file():
-        typer.secho(f"error: not found: {labels} (the labels CSV; `forgeline label-toxicity {labels}` writes one)",
-                    fg="red", err=True)
-        raise typer.Exit(2)
+    _run(_require_file, labels, f"the labels CSV; `forgeline label-toxicity {labels}` writes one")
     metrics = _run(train_toxicity_flow, labels, out, RayConfig(), 0.2, epoch, 0, quantize)
     typer.echo(json.dumps(metrics, indent=2))
 

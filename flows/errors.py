@@ -2,7 +2,7 @@
 
 `explain(error)` turns the failures a user can fix (a missing file, a missing third-party package, no Ray
 cluster at `--address`, a port in use, a bad value) into one sentence, or returns None for a bug (which keeps
-its traceback). `quiet_console_tracebacks()` stops Prefect's console handler from printing the tracebacks of
+its traceback). `quiet_console()` stops Prefect's console handler from printing the tracebacks of
 failed task and flow runs (they stay in the Prefect server's flow-run logs), so the console shows the one line;
 the CLI writes that error's own full traceback to `log_file()`.
 """
@@ -100,7 +100,7 @@ class _NoBoilerplate(logging.Filter):
         return not (record.levelno <= logging.INFO and record.getMessage().startswith(BOILERPLATE))
 
 
-def quiet_console_tracebacks() -> None:
+def quiet_console() -> None:
     """Prefect's console handlers print failed runs' messages without tracebacks (FORGELINE_TRACEBACKS=1 keeps
     them) and without the per-run start/finish boilerplate; other handlers (the API's run logs) are untouched."""
     if os.environ.get("FORGELINE_TRACEBACKS") == "1":

@@ -85,6 +85,11 @@ def quiet_worker_logs() -> None:
 class ClusterUnavailableError(ConnectionError):
     """`ray.address` names a Ray cluster that cannot be reached."""
 
+    @classmethod
+    def at(cls, address: str, reason: str) -> ClusterUnavailableError:
+        return cls(f"no Ray cluster reachable at --address {address!r} ({reason}): start one (`ray start --head`), "
+                   "fix the address, or drop --address to run locally")
+
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """For `host:port` and `ray://host:port`, a TCP connection first: Ray itself keeps retrying an unreachable
@@ -96,9 +101,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as error:
-        raise ClusterUnavailableError(
-            f"no Ray cluster reachable at --address {address!r} ({error.strerror or error}): start one "
-            "(`ray start --head`), fix the address, or drop --address to run locally") from None
+        raise ClusterUnavailableError.at(address, str(error.strerror or error)) from None
 
 
 def init_ray(
@@ -142,9 +145,7 @@ def init_ray(
             try:
                 ray.init(address=address, configure_logging=False, log_to_driver=True)
             except ConnectionError as error:
-                raise ClusterUnavailableError(
-                    f"no Ray cluster reachable at --address {address!r} ({str(error).splitlines()[0]}): start "
-                    "one (`ray start --head`), fix the address, or drop --address to run locally") from error
+                raise ClusterUnavailableError.at(address, str(error).splitlines()[0]) from error
     resources = ray.cluster_resources()
     return {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "cpus": resources.get("CPU", 0)}
 
