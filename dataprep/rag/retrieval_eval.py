@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dataprep.rag.retriever import FUSIONS
 from dataprep.shards import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -99,9 +100,6 @@ def mrr(rankings: Sequence[Sequence[int]], targets: Sequence[int], k: int | None
         rank = rank_of(list(ranking)[:k] if k else ranking, target)
         total += 1.0 / rank if rank else 0.0
     return total / len(targets) if targets else 0.0
-
-
-FUSIONS = ("relative_score", "rrf")
 
 
 def rankings_by_method(retriever: Retriever, questions: Sequence[str], k: int) -> dict[str, list[list[int]]]:

@@ -10,7 +10,7 @@ embedding model other than the one the index was built with is an `IndexMismatch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,6 +23,8 @@ from dataprep.rag.lexical import BM25Index, reciprocal_rank_fusion, relative_sco
 from dataprep.rag.prompt import RetrievedChunk
 
 Mode = Literal["dense", "bm25", "hybrid"]
+Fusion = Literal["relative_score", "rrf"]
+FUSIONS: tuple[str, ...] = get_args(Fusion)
 CHUNKS_DIR = "chunks"
 EMBEDDINGS_DIR = "embeddings"
 INDEX_DIR = "index"
@@ -34,7 +36,7 @@ class HybridConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["relative_score", "rrf"] = Field(
+    method: Fusion = Field(
         "relative_score", description="relative_score: weighted sum of min-max normalised scores; rrf: reciprocal "
         "rank fusion (ranks only)")
     dense_weight: float = Field(0.5, ge=0, le=1, description="relative_score: the dense share (BM25 gets the rest)")
