@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact
 
 from dataprep.stage import FaultPlan
 from flows.config import RunConfig
 from workers.ray_runtime import init_ray
 
 FAULT_ENV = "FORGELINE_INJECT_FAULT"
+EMBED_MAX_BYTES = 2 << 20  # a plot larger than this is linked by path, not embedded in the artifact
 
 
 def connect_ray(config: RunConfig) -> dict[str, object]:
@@ -103,10 +106,33 @@ def stats_markdown(manifest: dict[str, Any], skipped: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def png_data_url(path: Path) -> str:
+    """The PNG at `path` as a `data:` URL (the Prefect UI shows it with no file server in between)."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def publish_plots(stage: str, plots: list[Path]) -> str:
+    """Attach each existing plot as a Prefect image artifact `<stage>-<plot name>`; returns a markdown
+    "Plots" section for the stage's report that names each plot's file and its artifact."""
+    lines = []
+    for plot in plots:
+        if not plot.is_file():
+            continue
+        key = re.sub(r"[^a-z0-9-]+", "-", f"{stage}-{plot.stem}".lower())
+        if plot.stat().st_size <= EMBED_MAX_BYTES:
+            create_image_artifact(image_url=png_data_url(plot), key=key, description=f"{plot.name} of {stage}")
+            lines.append(f"- `{plot}` (image artifact `{key}`)")
+        else:
+            lines.append(f"- `{plot}` (too large to embed)")
+    return "\n".join(["", "## Plots", "", *lines, ""]) if lines else ""
+
+
 def publish_artifact(manifest: dict[str, Any], skipped: bool = False, extra: str = "") -> None:
-    """Attach the stage report (and `extra` markdown) to the current Prefect flow run as a markdown artifact."""
+    """Attach the stage report (and `extra` markdown) to the current Prefect flow run as a markdown artifact,
+    and the stage's PNG plots (any `*.png` at the top of its output folder) as image artifacts."""
+    plots = sorted(Path(manifest["path"]).glob("*.png")) if manifest.get("path") else []
     create_markdown_artifact(
         key=f"{manifest['stage']}-stats",
-        markdown=stats_markdown(manifest, skipped) + extra,
+        markdown=stats_markdown(manifest, skipped) + extra + publish_plots(manifest["stage"], plots),
         description=f"{manifest['stage']} stats for {manifest['name']}",
     )

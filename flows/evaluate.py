@@ -29,7 +29,7 @@ from dataprep.evaluate.report import RESULT_SCHEMA, metrics_png, summary_markdow
 from dataprep.evaluate.tasks import TaskError, load_task
 from dataprep.shards import atomic_write_json, publish_table
 from dataprep.stage import CHECKPOINTS_DIR, StageDir, file_digest
-from flows.common import connect_ray
+from flows.common import connect_ray, publish_plots
 from flows.config import RunConfig, load_config
 from flows.stage import Computed, StageInputs, StageResult, StageSpec, address, run_stage
 from workers.checkpoint import complete_checkpoints
@@ -117,7 +117,8 @@ def refresh_outputs(config: RunConfig, stage: StageDir, load_errors: list[dict[s
     publish_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), stage.path / RESULTS_FILE, stage.tmp_dir)
     metrics_png(rows, stage.path / METRICS_PNG, f"evaluation: {config.name}")
     table = summary_markdown(rows, errors)
-    create_markdown_artifact(key="evaluate-results", markdown=f"# evaluate — `{stage.name}`\n\n{table}",
+    plots = publish_plots("evaluate", [stage.path / METRICS_PNG])
+    create_markdown_artifact(key="evaluate-results", markdown=f"# evaluate — `{stage.name}`\n\n{table}{plots}",
                              description=f"evaluation of {config.name}")
     return {"checkpoints": len({r["step"] for r in rows}), "result_rows": len(rows), "errors": len(errors),
             "table": table}

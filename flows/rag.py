@@ -30,7 +30,7 @@ from dataprep.rag.retrieval_eval import eval_png
 from dataprep.rag.retriever import BM25_DIR, CHUNKS_DIR, EMBEDDINGS_DIR, INDEX_DIR
 from dataprep.shards import atomic_write_json
 from dataprep.stage import DATA_DIR, StageDir
-from flows.common import connect_ray
+from flows.common import connect_ray, publish_plots
 from flows.config import RunConfig, load_config
 from flows.stage import Computed, StageInputs, StageResult, StageSpec, latest_complete, stage_flow
 from workers.rag import bm25_task, build_index, chunk_task, embed_chunks, evaluate_task, load_vectors, read_embeddings
@@ -169,8 +169,9 @@ def rag_eval_flow(config: RunConfig, rag_path: str) -> dict[str, Any]:
     atomic_write_json(out / "results.json", result)
     eval_png(result["rows"], out / "retrieval.png")
     table = eval_markdown(result["rows"])
-    create_markdown_artifact(key="rag-eval", markdown=f"# rag eval — `{stage.name}`\n\n{table}\n![retrieval]"
-                             f"({out / 'retrieval.png'})\n", description=f"retrieval quality of {stage.name}")
+    plots = publish_plots("rag-eval", [out / "retrieval.png"])
+    create_markdown_artifact(key="rag-eval", markdown=f"# rag eval — `{stage.name}`\n\n{table}{plots}",
+                             description=f"retrieval quality of {stage.name}")
     return {"path": str(out), "rows": result["rows"], "table": table}
 
 

@@ -44,7 +44,8 @@ def train_classifier(examples: list[tuple[str, str]], output: Path, positive: st
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".train-") as work:
         train_file = Path(work) / "train.txt"
         write_training_file(train_file, train)
-        trained = train_fasttext(train_file, Path(work) / output.name, quantize, {"seed": seed, **options})
+        # one thread: fastText's multi-threaded SGD is not reproducible, and these sets train in seconds
+        trained = train_fasttext(train_file, Path(work) / output.name, quantize, {"seed": seed, "thread": 1, **options})
         scores = precision_recall(FastTextClassifier.load(trained), held_out, positive)
         os.replace(trained, output)
     metrics = {"model": str(output), "positive_label": positive, "held_out": scores, "train_examples": len(train),

@@ -34,6 +34,17 @@ def crawl_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def built_sample() -> Path:
+    """A small sample crawl built by the project (`forgeline sample`): 92 pages in 2 WARC files plus a JSONL,
+    with exact and near copies, German/French/Spanish/Russian (cp1251)/Chinese (GBK) pages, spam and noise."""
+    from dataprep.sample.build import build_sample
+
+    folder = _SESSION_HOME / "built-sample"
+    build_sample(folder, prose_pages=40, warc_files=2)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
     """One temporary Prefect API server (own SQLite DB) for every test that runs a flow."""
     from prefect.testing.utilities import prefect_test_harness

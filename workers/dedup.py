@@ -14,6 +14,8 @@ Flow of data (nothing but small arrays passes through the driver):
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -63,17 +65,31 @@ def _url_hash(url: str | None) -> int:
 
 
 ATTEMPTS_DIR = ".attempts"
+HOLD_ENV = "FORGELINE_DRILL_HOLD"
 
 
-def _mark_attempt(target: Path) -> None:
+def _mark_attempt(target: Path) -> bool:
     """Record that an attempt at `target` started: a second attempt (Ray retrying the task after its worker or
-    node died) finds the first's marker and leaves a `.retried` one, which `_retried` counts."""
+    node died) finds the first's marker and leaves a `.retried` one, which `_retried` counts. True on a retry."""
     folder = target.parent / ATTEMPTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     started = folder / f"{target.name}.started"
-    if started.exists():
+    retry = started.exists()
+    if retry:
         (folder / f"{target.name}.retried").touch()
     started.touch()
+    return retry
+
+
+def _drill_hold(target: Path) -> None:
+    """Failure drill (`FORGELINE_DRILL_HOLD=<signature shard path>`): the first attempt at that shard writes
+    `<name>.held` (holding its node id) and then waits, in flight, until its node is removed; the retry runs."""
+    if os.environ.get(HOLD_ENV) != str(target):
+        return
+    marker = target.parent / ATTEMPTS_DIR / f"{target.name}.held"
+    marker.with_suffix(".tmp").write_text(ray.get_runtime_context().get_node_id())
+    marker.with_suffix(".tmp").rename(marker)
+    time.sleep(3600)
 
 
 def _retried(sig_dir: Path) -> int:
@@ -88,7 +104,8 @@ def signature_task(source: str, target: str, tmp_dir: str, config: DedupConfig) 
     if Path(target).exists():
         kinds = pq.read_table(target, columns=["char_shingles"])["char_shingles"]
         return len(kinds), int(pc.sum(kinds).as_py() or 0)
-    _mark_attempt(Path(target))
+    if not _mark_attempt(Path(target)):
+        _drill_hold(Path(target))
     table = pq.read_table(source, columns=["doc_id", "text", "url"])
     doc_ids, texts, urls = (table[c].to_pylist() for c in ("doc_id", "text", "url"))
     hasher = MinHasher(num_perm=config.num_perm, seed=config.seed, shingle_hash=config.shingle_hash)

@@ -80,6 +80,41 @@ def test_default_chain_on_real_samples(crawl_dir: Path) -> None:
     assert result.kept.sum() == 25, result.kept.sum()  # of 37; the drops are nav-heavy pages
 
 
+def _built_docs(sample: Path) -> list[dict]:
+    return [doc for path in sorted(sample.glob("crawl-*.warc.gz")) for doc in _crawl_docs(path)]
+
+
+def _host(doc: dict) -> str:
+    return doc["url"].split("/")[2]
+
+
+def test_language_id_on_built_multilingual_pages(built_sample: Path) -> None:
+    docs = _built_docs(built_sample)
+    labels, scores = FastTextClassifier.load(default_langid_path()).top([d["text"] for d in docs])
+    by_host: dict[str, set[str]] = {}
+    for doc, label in zip(docs, labels, strict=True):
+        by_host.setdefault(_host(doc), set()).add(label)
+    for lang in ("de", "fr", "es", "ru", "zh"):
+        assert by_host[f"{lang}.news.example"] == {lang}, lang
+    english = [label for doc, label in zip(docs, labels, strict=True) if _host(doc).endswith(".pyref.example")]
+    assert len(english) == 69 and set(english) == {"en"}, "prose, navigation and short pages alike"
+    assert all(0.0 < score <= 1.0 for score in scores)
+
+
+def test_default_chain_on_built_samples(built_sample: Path) -> None:
+    """The same chain on the project's sample: spam, navigation-only, short and foreign pages all go."""
+    names = ["language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "blocklist", "toxicity"]
+    steps = [_step(name) for name in names]
+    docs = _built_docs(built_sample)
+    result = run_chain(steps, load_resources(steps), [d["doc_id"] for d in docs], [d["text"] for d in docs])
+    kept_hosts = {_host(doc) for doc, kept in zip(docs, result.kept, strict=True) if kept}
+    assert kept_hosts <= {"docs.pyref.example", "mirror.pyref.example", "notes.pyref.example"}
+    noise = [i for i, d in enumerate(docs) if "/index/" in d["url"] or "/misc/" in d["url"]
+             or _host(d) == "deals.spam.example" or _host(d).endswith(".news.example")]
+    assert len(noise) == 40 and not result.kept[noise].any()
+    assert (len(docs), int(result.kept.sum())) == (85, 16)  # the sample's pages are short docstring chunks
+
+
 def test_bundled_toxicity_model_on_clear_cases() -> None:
     model = FastTextClassifier.load(default_toxicity_path())
     assert set(model.labels) == {"toxic", "clean"}

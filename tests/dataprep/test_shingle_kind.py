@@ -11,6 +11,15 @@ from dataprep.dedup.minhash import jaccard, shingle_kind, spaceless_share
 from tests.dataprep.test_filter_chain import _crawl_docs
 
 
+def _near_copy(page: str) -> str:
+    """2 % of the characters changed."""
+    rng = random.Random(0)
+    chars = list(page)
+    for position in rng.sample(range(len(chars)), len(chars) // 50):
+        chars[position] = "的"
+    return "".join(chars)
+
+
 def test_kind_by_script() -> None:
     assert shingle_kind("The quick brown fox jumps over the lazy dog.") == "word"
     assert shingle_kind("东京的天气今天很好，我们去公园散步吧。") == "char"
@@ -38,11 +47,19 @@ def test_real_chinese_pages_use_characters_and_a_near_copy_is_found(crawl_dir: P
     assert kinds["0513mt.com"] == kinds["003338.cn"] == "char"
     assert kinds["01spb.ru"] == kinds["0900-hovenier.nl"] == kinds["06.live-radsport.ch"] == "word"
     page = next(d["text"] for d in docs if d["url"].split("/")[2] == "003338.cn")
-    rng = random.Random(0)
-    chars = list(page)
-    for position in rng.sample(range(len(chars)), len(chars) // 50):  # a near-copy: 2 % of characters changed
-        chars[position] = "的"
-    copy = "".join(chars)
+    copy = _near_copy(page)
+    auto, words = DedupConfig(), DedupConfig(shingle="word")
+    assert jaccard(set(auto.shingles(page)), set(auto.shingles(copy))) >= auto.threshold
+    assert jaccard(set(words.shingles(page)), set(words.shingles(copy))) < words.threshold
+
+
+def test_built_chinese_pages_use_characters_and_a_near_copy_is_found(built_sample: Path) -> None:
+    docs = [d for path in sorted(built_sample.glob("crawl-*.warc.gz")) for d in _crawl_docs(path)]
+    kinds = {d["url"]: shingle_kind(d["text"]) for d in docs}
+    assert {kind for url, kind in kinds.items() if "zh.news.example" in url} == {"char"}
+    assert {kind for url, kind in kinds.items() if "zh.news.example" not in url} == {"word"}
+    page = max((d["text"] for d in docs if "zh.news.example" in d["url"]), key=len)
+    copy = _near_copy(page)
     auto, words = DedupConfig(), DedupConfig(shingle="word")
     assert jaccard(set(auto.shingles(page)), set(auto.shingles(copy))) >= auto.threshold
     assert jaccard(set(words.shingles(page)), set(words.shingles(copy))) < words.threshold

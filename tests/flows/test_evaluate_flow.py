@@ -127,6 +127,59 @@ def test_watch_picks_up_new_checkpoints_and_isolates_a_bad_one(run: dict[str, An
     assert StageDir(Path(outcome["path"])).is_complete()
 
 
+def test_checkpoint_event_runs_the_triggered_evaluate_deployment(run: dict[str, Any], tmp_path: Path) -> None:
+    """The deployment of infra/prefect.yaml served by a runner; the pretrain stage's own emitter announces a new
+    checkpoint; the server's automation starts `evaluate-checkpoint` for it, which writes that step's results."""
+    import os
+
+    from prefect import flow, get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pretrain import emit_checkpoint_events
+    from workers.checkpoint import JOURNAL_FILE
+
+    config = run["config"]
+    config_file = tmp_path / "eval.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
+    checkpoints = run["stage"] / "checkpoints"
+    new = checkpoints / "step-00000090"
+    shutil.copytree(checkpoints / "step-00000030", new)
+    state = json.loads((new / "train_state.json").read_text())
+    (new / "train_state.json").write_text(json.dumps({**state, "step": 90}))
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    env.pop("RAY_ADDRESS", None)
+    runner = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve_evaluate_deployment.py")),
+                               str(config_file)], env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "runner.log", "w"))  # noqa: SIM115
+    try:
+        deadline = time.time() + 120
+        with get_client(sync_client=True) as client:
+            named = DeploymentFilter(name=DeploymentFilterName(any_=["evaluate-on-checkpoint"]))
+            while not client.read_deployments(deployment_filter=named) and time.time() < deadline:
+                time.sleep(0.5)
+            time.sleep(2)  # the automation is created with the deployment
+        journal = checkpoints / JOURNAL_FILE
+        saved = journal.read_text()
+        journal.write_text(saved + json.dumps({"step": 90, "path": str(new), "metrics": {}}) + "\n")
+        announced = {line for line in saved.splitlines() if line}
+        flow(name="announce")(lambda: emit_checkpoint_events(
+            StageDir(run["stage"]), {json.loads(line)["path"] for line in announced}))()
+        result = None
+        while time.time() < deadline + 120 and result is None:
+            found = list(config.run_dir.glob("evaluate-*/results/step-00000090.parquet"))
+            result = found[0] if found else None
+            time.sleep(0.5)
+        assert result is not None, (tmp_path / "runner.log").read_text()[-3000:]
+        steps = {row["step"] for row in pq.read_table(result).to_pylist()}
+        assert steps == {90}
+    finally:
+        runner.terminate()
+        runner.wait(timeout=60)
+        journal.write_text(saved)
+        shutil.rmtree(new)
+
+
 def test_prefect_yaml_declares_the_checkpoint_trigger() -> None:
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 

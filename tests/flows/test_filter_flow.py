@@ -20,25 +20,35 @@ from tests.dataprep.test_filter_chain import labelled_examples
 pytestmark = pytest.mark.integration
 
 
-def _config(tmp_path: Path, crawl_dir: Path, **filter_section: object) -> object:
+INPUTS = {  # the project's sample (always there) and the real crawl samples in ../shared
+    "built_sample": ["crawl-*.warc.gz"],
+    "crawl_dir": ["dolma-sample-000*.warc.gz", "cc-2020-34-multilingual.warc.gz"],
+}
+# per source: documents shingled by characters (the Chinese pages), documents dropped by language ID
+EXPECTED = {"built_sample": (2, 23), "crawl_dir": (11, 16)}
+
+
+def _config(tmp_path: Path, folder: Path, patterns: list[str], **filter_section: object) -> object:
     return parse_config({
         "run_dir": str(tmp_path / "run"),
         "ray": {"num_cpus": 2},
-        "ingest": {"inputs": [str(crawl_dir / "dolma-sample-000*.warc.gz"),
-                              str(crawl_dir / "cc-2020-34-multilingual.warc.gz")]},
+        "ingest": {"inputs": [str(folder / pattern) for pattern in patterns]},
         "filter": {"num_actors": 2, **filter_section},
     })
 
 
-def test_filter_stage_end_to_end(crawl_dir: Path, tmp_path: Path, flow_env: None) -> None:
-    config = _config(tmp_path, crawl_dir)
+@pytest.mark.parametrize("source", list(INPUTS))
+def test_filter_stage_end_to_end(source: str, request: pytest.FixtureRequest, tmp_path: Path,
+                                 flow_env: None) -> None:
+    config = _config(tmp_path, request.getfixturevalue(source), INPUTS[source])
+    char_documents, language_drops = EXPECTED[source]
     results = pipeline_flow(config, "filter")
     stage = Path(results["filter"]["path"])
     stats = results["filter"]["stats"]
     assert stats["records_in"] == results["dedup"]["stats"]["records_out"]
-    shingles = results["dedup"]["stats"]["shingles"]  # `shingle: auto`: the 11 Chinese pages by characters
-    assert shingles["char_documents"] == 11
-    assert shingles["word_documents"] + 11 == results["dedup"]["stats"]["records_in"]
+    shingles = results["dedup"]["stats"]["shingles"]  # `shingle: auto`: the Chinese pages by characters
+    assert shingles["char_documents"] == char_documents
+    assert shingles["word_documents"] + char_documents == results["dedup"]["stats"]["records_in"]
     kept = pq.read_table(stage / "data").to_pylist()
     assert len(kept) == stats["records_out"] > 0
     assert {d["language"] for d in kept} == {"en"}
@@ -49,7 +59,7 @@ def test_filter_stage_end_to_end(crawl_dir: Path, tmp_path: Path, flow_env: None
         assert len(rows) == count and {r["drop_step"] for r in rows} == {step}
         removed_total += count
     assert removed_total + len(kept) == stats["records_in"]
-    assert stats["dropped"]["language"] >= 14  # the zh/ru/de/nl pages of the multilingual sample
+    assert stats["dropped"]["language"] == language_drops  # foreign pages, and short ones that are not English
     manifest = json.loads((stage / "manifest.json").read_text())
     assert [step["name"] for step in manifest["stats"]["steps"]] == [s.rule for s in config.filter.steps]
     assert (stage / "funnel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -57,8 +67,9 @@ def test_filter_stage_end_to_end(crawl_dir: Path, tmp_path: Path, flow_env: None
     assert again["filter"]["skipped"] and again["filter"]["path"] == str(stage)
 
 
-def test_missing_model_fails_before_any_document(crawl_dir: Path, tmp_path: Path, flow_env: None) -> None:
-    config = _config(tmp_path, crawl_dir, steps=[{"rule": "quality", "params": {"model": str(tmp_path / "q.bin")}}])
+def test_missing_model_fails_before_any_document(built_sample: Path, tmp_path: Path, flow_env: None) -> None:
+    config = _config(tmp_path, built_sample, INPUTS["built_sample"],
+                     steps=[{"rule": "quality", "params": {"model": str(tmp_path / "q.bin")}}])
     with pytest.raises(ModelError, match="quality.*does not exist"):
         pipeline_flow(config, "filter")
     assert not list((tmp_path / "run").glob("filter-*"))

@@ -1,11 +1,10 @@
-"""The ingest flow in local mode (real Ray, real Prefect) over real crawl samples and crafted bad input."""
+"""The ingest flow in local mode (real Ray, real Prefect) over the sample the project builds, real crawl samples
+and crafted bad input. The fault drills run on the built sample, so a clone without `../shared` runs them."""
 
 from __future__ import annotations
 
 import difflib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,6 +25,9 @@ REAL_FILES = {
     "whirlwind.warc.wet.gz": 1,
     "cc-en-head-0091.jsonl": 10,
 }
+
+
+BUILT_FILES = {"crawl-00000.warc.gz": 42, "crawl-00001.warc.gz": 43, "notes.jsonl.gz": 20}
 
 
 def _config(run_dir: Path, inputs: list[str], **ingest: object):
@@ -85,9 +87,44 @@ def test_rerun_is_skipped(real_run) -> None:
     assert again["skipped"] and again["path"] == first["path"]
 
 
-def test_fault_then_rerun_equals_undisturbed_run(crawl_dir: Path, tmp_path: Path, flow_env: None,
+@pytest.fixture(scope="module")
+def built_run(built_sample: Path, tmp_path_factory: pytest.TempPathFactory, prefect_server: None, ray_local: None):
+    inputs = [str(built_sample / "crawl-*.warc.gz"), str(built_sample / "notes.jsonl.gz")]
+    config = _config(tmp_path_factory.mktemp("built"), inputs, shard_max_records=10)
+    return config, ingest_flow(config)
+
+
+def test_built_sample_counts_per_file_and_reasons(built_run) -> None:
+    _, result = built_run
+    docs = _docs(result)
+    per_file = {name: sum(d["source"].endswith("/" + name) for d in docs)
+                for name in ("crawl-00000.warc.gz", "crawl-00001.warc.gz", "notes.jsonl.gz")}
+    assert per_file == BUILT_FILES
+    stats = result["stats"]
+    assert stats["records_out"] == sum(BUILT_FILES.values())
+    assert stats["dropped"] == {"binary_payload": 2, "empty_payload": 1, "http_not_ok": 2, "invalid_encoding": 1,
+                                "malformed_json": 1, "non_html": 1}
+    assert stats["records_in"] == stats["records_out"] + sum(stats["dropped"].values())
+
+
+def test_built_cp1251_and_gbk_pages_decode(built_run, built_sample: Path) -> None:
+    by_url = {d["url"]: d for d in _docs(built_run[1])}
+    lines = {lang: (Path(__file__).parents[2] / "dataprep" / "sample" / "sample_text" / f"{lang}.txt")
+             .read_text().splitlines() for lang in ("ru", "zh")}
+    russian, chinese = by_url["https://ru.news.example/1.html"], by_url["https://zh.news.example/1.html"]
+    assert russian["charset"] == "cp1251" and lines["ru"][1] in russian["text"]
+    assert chinese["charset"] == "gbk" and lines["zh"][1] in chinese["text"]
+
+
+def test_built_recaptures_all_present(built_run) -> None:
+    urls = [d["url"] for d in _docs(built_run[1]) if d["source_format"] == "warc"]
+    again = {url for url in urls if urls.count(url) > 1}
+    assert len(again) == 1, "the sample re-captures one page: both captures are ingested (dedup removes one)"
+
+
+def test_fault_then_rerun_equals_undisturbed_run(built_sample: Path, tmp_path: Path, flow_env: None,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    inputs = [str(crawl_dir / "dolma-sample-0000.warc.gz"), str(crawl_dir / "cc-2020-34-multilingual.warc.gz")]
+    inputs = [str(built_sample / "crawl-00000.warc.gz"), str(built_sample / "crawl-00001.warc.gz")]
     clean = ingest_flow(_config(tmp_path / "clean", inputs, shard_max_records=10))
 
     config = _config(tmp_path / "crashed", inputs, shard_max_records=10)
@@ -109,9 +146,9 @@ def test_fault_then_rerun_equals_undisturbed_run(crawl_dir: Path, tmp_path: Path
             assert pq.read_table(stage / subdir / name).equals(pq.read_table(Path(clean["path"]) / subdir / name))
 
 
-def test_worker_killed_mid_unit_is_retried_by_ray_and_resumes(crawl_dir: Path, tmp_path: Path, flow_env: None,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    inputs = [str(crawl_dir / "dolma-sample-0000.warc.gz")]
+def test_worker_killed_mid_unit_is_retried_by_ray_and_resumes(built_sample: Path, tmp_path: Path,
+                                                               flow_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = [str(built_sample / "crawl-00000.warc.gz")]
     clean = ingest_flow(_config(tmp_path / "clean", inputs, shard_max_records=10))
     monkeypatch.setenv("FORGELINE_INJECT_FAULT", "ingest:2:kill")
     killed = ingest_flow(_config(tmp_path / "killed", inputs, shard_max_records=10))
@@ -152,27 +189,3 @@ def test_stats_artifact_is_on_the_flow_run(real_run) -> None:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-stats"])))
     assert artifacts and any("records in" in (a.data or "") for a in artifacts)
     assert any(a.flow_run_id for a in artifacts)
-
-
-def test_home_directory_untouched_by_local_cli_run(tmp_path: Path, crawl_dir: Path) -> None:
-    """End to end through the CLI in a fresh process: local Ray + ephemeral Prefect, nothing in $HOME."""
-    import subprocess
-    import sys
-
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copy(crawl_dir / "whirlwind.warc.gz", tmp_path / "w.warc.gz")
-    (tmp_path / "c.yaml").write_text("run_dir: r\nray: {num_cpus: 1}\ningest:\n  inputs: [w.warc.gz]\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FORGELINE_"))}
-    env.update(HOME=str(home), FORGELINE_HOME=str(tmp_path / "state"))
-    cli = [sys.executable, "-m", "flows.cli"]
-    # until filter: the one page is filtered out, and tokenize rightly refuses an empty corpus
-    first = subprocess.run([*cli, "run", str(tmp_path / "c.yaml"), "--until", "filter"], env=env,
-                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "ingest: done" in first.stdout and "records in 1 → out 1" in first.stdout
-    assert list(home.iterdir()) == [], f"written to HOME: {list(home.rglob('*'))[:5]}"
-    assert (tmp_path / "state" / "prefect").is_dir()
-    bad = subprocess.run([*cli, "ingest", str(tmp_path / "missing.yaml")], env=env, capture_output=True,
-                         text=True, timeout=120, cwd=tmp_path)
-    assert bad.returncode == 2 and "missing.yaml" in bad.stderr

@@ -98,6 +98,21 @@ def test_checkpoint_events_reach_prefect(reference_run: dict[str, Any]) -> None:
     assert steps == {0, 8, 16, 24}  # step 0: the initialised model (checkpoint_initial)
 
 
+def test_loss_curve_is_an_image_artifact_of_the_flow_run(reference_run: dict[str, Any]) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.common import png_data_url
+
+    loss_png = Path(reference_run["trained"]["path"]) / "loss.png"
+    with get_client(sync_client=True) as client:
+        images = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pretrain-loss"])))
+        reports = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pretrain-stats"])))
+    ours = [a for a in images if a.data == png_data_url(loss_png)]
+    assert ours and ours[0].type == "image" and ours[0].flow_run_id is not None
+    assert any(f"`{loss_png}` (image artifact `pretrain-loss`)" in (a.data or "") for a in reports)
+
+
 def test_rerun_of_a_complete_stage_is_skipped(reference_run: dict[str, Any]) -> None:
     from flows.pretrain import pretrain_flow
 

@@ -1,8 +1,9 @@
 """Failure drill run in its own process by test_dedup_node_loss: a worker node dies mid-dedup.
 
-A `ray.cluster_utils.Cluster` with a head and two worker nodes runs the dedup twice on the same shards:
-once undisturbed, once with a worker node removed as soon as the first signature shard is published.
-Prints one JSON line comparing the two outputs.
+A `ray.cluster_utils.Cluster` with a head (no CPUs: it schedules, it does not compute) and two worker nodes of
+one CPU runs the dedup twice on the same shards: once undisturbed, once with one signature task held in flight
+(`FORGELINE_DRILL_HOLD`) and the worker node running it removed. Ray retries that task on the other node.
+Prints one JSON line comparing the two outputs and the recovery counters.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from tests.workers.test_dedup_workers import PARAMS, _corpus, _write_shards  # noqa: E402
-from workers.dedup import run_dedup  # noqa: E402
+from workers.dedup import ATTEMPTS_DIR, HOLD_ENV, run_dedup  # noqa: E402
 
 RECOVERY: dict[str, dict] = {}
 
@@ -39,30 +40,33 @@ def outcome(root: Path, sources: list[Path]) -> tuple[list, list]:
 
 def main(folder: str) -> None:
     root = Path(folder)
+    docs, _ = _corpus(random.Random(5), originals=240)
+    sources = _write_shards(root / "in", docs, 6)
+    held = root / "disturbed" / "work" / "sig" / sources[len(sources) // 2].name
+    os.environ[HOLD_ENV] = str(held)  # the nodes started below (and so their workers) inherit it
     local = {"node_ip_address": "127.0.0.1"}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, **local})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, **local})
     workers = [cluster.add_node(num_cpus=1, **local) for _ in range(2)]
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
-    docs, _ = _corpus(random.Random(5), originals=240)
-    sources = _write_shards(root / "in", docs, 6)
     reference = outcome(root / "clean", sources)
 
     result: dict[str, object] = {}
     disturbed_root = root / "disturbed"
+    marker = held.parent / ATTEMPTS_DIR / f"{held.name}.held"
     thread = threading.Thread(target=lambda: result.update(value=outcome(disturbed_root, sources)))
     thread.start()
-    deadline = time.time() + 60
-    while not list((disturbed_root / "work" / "sig").glob("*.parquet")) and time.time() < deadline:
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
         time.sleep(0.01)
+    held_on = marker.read_text()
     running = thread.is_alive()
     kept_shards = len(list((disturbed_root / "out").glob("*.parquet")))
-    cluster.remove_node(workers[0])
-    removed_after = len(list((disturbed_root / "work" / "sig").glob("*.parquet")))
+    (victim,) = [node for node in workers if node.node_id == held_on]
+    cluster.remove_node(victim)
     thread.join(timeout=300)
     print(json.dumps({
         "same": result.get("value") == reference,
-        "removed_after_sig_shards": removed_after,
         "running_at_removal": running,
         "kept_shards_at_removal": kept_shards,
         "sig_shards": len(sources),
