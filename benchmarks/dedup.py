@@ -5,9 +5,14 @@
    warm-up and `--repeat` interleaved rounds, median and min-max (what each path does: benchmarks/minhash.py).
 2. Quality on a generated corpus (default 20,000 docs) with planted near-duplicates at graded edit rates
    and exact Jaccard ground truth: precision and recall of duplicate pairs with J >= 0.8 (threshold 0.8).
-3. Scaling: docs/s of the whole dedup with Ray on 1 and 2 CPUs; data held per LSH actor as the corpus doubles.
+3. Scaling: docs/s of the whole dedup with Ray on 1 and 2 CPUs (a fresh local Ray per CPU count, a warm-up
+   run, then `--repeat` runs each), for the automatic mode (the driver's components at this size) and the
+   partitioned one; data held per LSH actor as the corpus doubles.
+4. Components: time of verification + components + representatives, the peak RSS of any one process while
+   they run (sampled from /proc every 20 ms: the driver and every Ray worker) and the most rows one task
+   holds, on the driver and partitioned 1 vs 4 ways, at `--docs` and at `--big-docs` documents.
 
-    .venv/bin/python benchmarks/dedup.py [--docs 20000] [--sig-docs 2000] [--repeat 3]
+    .venv/bin/python benchmarks/dedup.py [--docs 20000] [--big-docs 200000] [--sig-docs 2000] [--repeat 3]
 
 Last line: {"benchmark": "dedup", "metrics": {...}}, also appended to benchmarks/results/dedup.jsonl.
 """
@@ -18,9 +23,11 @@ import argparse
 import itertools
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,7 +43,7 @@ from _record import record, spread  # noqa: E402
 from dataprep.dedup.documents import DedupConfig  # noqa: E402
 from dataprep.dedup.minhash import jaccard, word_shingles  # noqa: E402
 from dataprep.ingest.documents import DOCUMENT_SCHEMA  # noqa: E402
-from workers.dedup import run_dedup  # noqa: E402
+from workers.dedup import read_audit, run_dedup  # noqa: E402
 from workers.ray_runtime import init_ray  # noqa: E402
 
 EDIT_RATES = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12)
@@ -75,14 +82,78 @@ def write_shards(folder: Path, rows: list[dict], per_shard: int = 2000) -> list[
     return paths
 
 
-def params(actors: int) -> DedupConfig:
-    return DedupConfig(url=False, threshold=THRESHOLD, num_actors=actors, keep="lowest_id")
+def params(actors: int, **components: object) -> DedupConfig:
+    return DedupConfig(url=False, threshold=THRESHOLD, num_actors=actors, keep="lowest_id", **components)
 
 
-def dedup_once(sources: list[Path], work: Path, actors: int) -> tuple[float, dict, list[dict]]:
+def dedup_once(sources: list[Path], work: Path, actors: int, **components: object) -> tuple[float, dict, list[dict]]:
+    shutil.rmtree(work, ignore_errors=True)
     started = time.perf_counter()
-    stats, rows = run_dedup(sources, work / "work", work / "out", work / "tmp", params(actors))
-    return time.perf_counter() - started, stats, rows
+    stats, audit = run_dedup(sources, work / "work", work / "out", work / "tmp", params(actors, **components))
+    return time.perf_counter() - started, stats, read_audit(audit)
+
+
+class PeakRss:
+    """Samples the resident memory of this process and of every Ray worker process from /proc while active;
+    `peak_mb` is the largest one process reached."""
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        self.interval_s, self.peak_kb, self._stop = interval_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _ray_pids() -> list[int]:
+        pids = [os.getpid()]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    command = (entry / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"default_worker.py" in command or command.startswith(b"ray::"):
+                    pids.append(int(entry.name))
+        return pids
+
+    @staticmethod
+    def _rss_kb(pid: int) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kb = max([self.peak_kb, *(self._rss_kb(pid) for pid in self._ray_pids())])
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak_kb / 1024, 1)
+
+
+def components_profile(sources: list[Path], work: Path, **components: object) -> dict[str, object]:
+    """One dedup on 2 CPUs; the components phase's seconds, peak RSS of one process, most rows one task held.
+
+    The RSS sampler runs through the whole dedup but the components phase is where the modes differ; the
+    signature and bucketing phases are the same code for every mode."""
+    with PeakRss() as rss:
+        seconds, stats, _ = dedup_once(sources, work, 2, **components)
+    held = stats["components"]
+    return {"seconds_total": round(seconds, 2), "components_seconds": held["seconds"],
+            "peak_process_rss_mb": rss.peak_mb,
+            "largest_task_rows": held.get("largest_task_rows", held.get("documents_held")),
+            **({"rounds": held["rounds"]} if "rounds" in held else {})}
 
 
 def predicted_pairs(rows: list[dict]) -> set[tuple[str, str]]:
@@ -111,6 +182,8 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=20_000)
     parser.add_argument("--sig-docs", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--big-docs", type=int, default=200_000, help="the larger corpus of the components "
+                        "profile (0: skip)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -136,19 +209,47 @@ def main() -> None:
         rows, planted = make_corpus(args.docs)
         sources = write_shards(root / "full", rows)
         half_sources = write_shards(root / "half", rows[: len(rows) // 2])
-        scaling = {}
+        scaling: dict[str, object] = {}
+        modes = {"auto": {}, "partitioned": {"components": "partitioned", "partitions": 4}}
+        rates: dict[str, list[float]] = {}
+        outputs = []
         for cpus in (1, 2):
             restart_ray(cpus, root)
-            seconds, stats, removed = dedup_once(sources, root / f"run{cpus}", actors=cpus)
-            scaling[f"docs_per_s_{cpus}_cpu"] = round(len(rows) / seconds, 1)
-            print(f"dedup on {cpus} CPU: {seconds:.1f} s, {stats['dropped']}", flush=True)
+            for mode, components in modes.items():
+                dedup_once(sources, root / "warm", actors=cpus, **components)  # warm-up: workers, imports
+                for _ in range(args.repeat):
+                    seconds, stats, removed = dedup_once(sources, root / "run", actors=cpus, **components)
+                    rates.setdefault(f"{mode}_{cpus}_cpu", []).append(len(rows) / seconds)
+                    outputs.append(sorted((r["doc_id"], r["representative_id"]) for r in removed))
+                print(f"dedup {mode} on {cpus} CPU: {spread(rates[f'{mode}_{cpus}_cpu'])} docs/s", flush=True)
+        assert all(output == outputs[0] for output in outputs), "every mode and CPU count removes the same"
+        scaling["docs_per_s"] = {name: spread(values) for name, values in rates.items()}
+        for mode in modes:
+            scaling[f"speedup_2_vs_1_cpu_{mode}"] = round(
+                statistics.median(rates[f"{mode}_2_cpu"]) / statistics.median(rates[f"{mode}_1_cpu"]), 2)
         metrics["quality"] = quality(removed, planted)
-        print(f"quality {metrics['quality']}", flush=True)
+        print(f"quality {metrics['quality']} scaling {scaling}", flush=True)
         _, half_stats, _ = dedup_once(half_sources, root / "half-run", actors=2)
         scaling["actor_bytes_half_corpus"] = half_stats["peak_actor_bytes"]
         scaling["actor_bytes_full_corpus"] = stats["peak_actor_bytes"]
         metrics["scaling"] = scaling
         metrics["docs"] = len(rows)
+
+        profiles: dict[str, dict[str, object]] = {}
+        sizes = {"docs": sources, "big": []}
+        if args.big_docs:
+            big_rows, _ = make_corpus(args.big_docs, seed=1)
+            sizes["big"] = write_shards(root / "big", big_rows)
+            del big_rows
+        for size, size_sources in sizes.items():
+            for mode, components in {"driver": {"components": "driver"},
+                                     "partitioned_1": {"components": "partitioned", "partitions": 1},
+                                     "partitioned_4": {"components": "partitioned", "partitions": 4}}.items():
+                if size_sources:
+                    profile = components_profile(size_sources, root / "profile", **components)
+                    profiles[f"{size}_{mode}"] = profile
+                    print(f"components {size} {mode}: {profile}", flush=True)
+        metrics["components"] = {"docs": len(rows), "big_docs": args.big_docs, **profiles}
         ray.shutdown()
     record("dedup", metrics)
 

@@ -4,31 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyarrow as pa
-
+from dataprep.dedup.documents import DUPLICATES_SCHEMA
 from dataprep.dedup.lines import EMPTY_REASON
 from dataprep.ingest.documents import DOCUMENT_SCHEMA
-from dataprep.shards import publish_table, schema_to_json
+from dataprep.shards import schema_to_json
 from dataprep.stage import DATA_DIR, REMOVED_DIR, StageDir
 from flows.common import publish_artifact
 from flows.config import RunConfig
 from flows.stage import Computed, StageInputs, StageResult, StageSpec, stage_flow
-from workers.dedup import run_dedup
+from workers.dedup import run_dedup, write_audit
 from workers.line_dedup import run_line_dedup
 
 DUPLICATES_FILE = "duplicates.parquet"
 KEPT_DIR = "_work/kept"  # documents kept by document dedup, before line dedup
 WORK_DIR = "_work"
-DUPLICATES_SCHEMA = pa.schema(
-    [
-        pa.field("doc_id", pa.string(), nullable=False),
-        pa.field("cluster_id", pa.string(), nullable=False),
-        pa.field("representative_id", pa.string(), nullable=False),
-        pa.field("similarity", pa.float64()),
-        pa.field("method", pa.string(), nullable=False),
-        pa.field("cluster_size", pa.int64(), nullable=False),
-    ]
-)
 
 
 class DedupStage(StageSpec):
@@ -44,7 +33,9 @@ class DedupStage(StageSpec):
         and no `lines` section while line dedup is off (outputs of earlier versions keep their address)."""
         settings = config.dedup
         bands, rows = settings.lsh()
-        exclude: dict[str, Any] = {"num_actors": True, "lines": {"num_actors": True} if self.lines_on(config) else True}
+        exclude: dict[str, Any] = {"num_actors": True, "components": True, "partitions": True,
+                                   "driver_max_docs": True,
+                                   "lines": {"num_actors": True} if self.lines_on(config) else True}
         return {**settings.model_dump(mode="json", exclude=exclude), "bands": bands, "rows": rows}
 
     @staticmethod
@@ -56,9 +47,8 @@ class DedupStage(StageSpec):
         assert inputs.upstream is not None
         sources = sorted((inputs.upstream.path / DATA_DIR).glob("*.parquet"))
         kept = stage.path / (KEPT_DIR if self.lines_on(config) else DATA_DIR)
-        stats, rows = run_dedup(sources, stage.path / WORK_DIR, kept, stage.tmp_dir, config.dedup)
-        publish_table(pa.Table.from_pylist(rows, schema=DUPLICATES_SCHEMA), stage.path / DUPLICATES_FILE,
-                      stage.tmp_dir)
+        stats, audit = run_dedup(sources, stage.path / WORK_DIR, kept, stage.tmp_dir, config.dedup)
+        write_audit(audit, stage.path / DUPLICATES_FILE, stage.tmp_dir)
         if self.lines_on(config):
             lines = run_line_dedup(sorted(kept.glob("*.parquet")), stage.path / DATA_DIR, stage.path / REMOVED_DIR,
                                    stage.tmp_dir, config.dedup.lines, work_dir=stage.path / WORK_DIR / "lines")

@@ -5,16 +5,22 @@ Flow of data (nothing but small arrays passes through the driver):
    document, written to `_work/sig/` (atomic, so a rerun skips finished shards).
 2. `route_task` per signature shard pushes keys to `BucketActor`s, partitioned by key hash, so each actor
    holds about 1/N of all keys; each actor returns star edges (smallest doc key → other members).
-3. `gather_task` per input shard returns text, length and crawl date of just the documents on an edge;
-   `verify_task` keeps a fuzzy edge only when the exact Jaccard similarity reaches the threshold.
-4. The driver joins the verified edges into connected components (union-find over the documents that
-   have an edge), picks one representative per cluster and `filter_task` writes the kept documents.
+   Each actor writes its edges to `_work/cand/<method>/<actor>.parquet`.
+3. Verification, connected components and representatives, one of two ways (`dedup.components`):
+   - `partitioned` (`workers.dedup_partitioned`): every step on Ray tasks over P key partitions, joined through
+     Parquet files, components by large-star / small-star rounds: no process holds all documents or edges;
+   - `driver` (small inputs): `gather_task` per input shard returns text, URL and crawl date of just the
+     documents on an edge, `verify_task` checks fuzzy edges, and the driver runs a union-find.
+   `auto` takes the driver below `dedup.driver_max_docs` input documents (faster there: no shuffle rounds).
+   Both give identical clusters and representatives.
+4. `filter_task` per input shard writes the kept documents.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +34,7 @@ import ray
 import xxhash
 
 from dataprep.dedup.documents import (
+    DUPLICATES_SCHEMA,
     METHODS,
     DedupConfig,
     DocInfo,
@@ -40,6 +47,7 @@ from dataprep.dedup.documents import (
 )
 from dataprep.dedup.minhash import MinHasher, char_shingles, normalise_text
 from dataprep.shards import publish_table
+from workers.dedup_partitioned import PartLayout, partitioned_clusters, read_pairs, write_pairs
 from workers.ray_runtime import with_fresh_actors
 
 log = logging.getLogger(__name__)
@@ -141,13 +149,16 @@ class BucketActor:
         self.parts[method].append((buckets, keys))
         return len(keys)
 
-    def edges(self, method: str) -> np.ndarray:
+    def edges(self, method: str, target: str, tmp_dir: str) -> int:
+        """Star edges of this actor's buckets for `method` → `target` (Parquet a, b); returns their count."""
         parts = self.parts.pop(method, [])
         if not parts:
-            return np.empty((0, 2), dtype=np.int64)
+            return 0
         buckets = np.concatenate([b for b, _ in parts]).view(np.uint64)
         keys = np.concatenate([k for _, k in parts])
-        return star_edges(buckets, keys)
+        edges = star_edges(buckets, keys)
+        write_pairs(Path(target), edges, Path(tmp_dir))
+        return len(edges)
 
     def memory_bytes(self) -> int:
         return sum(b.nbytes + k.nbytes for parts in self.parts.values() for b, k in parts)
@@ -203,10 +214,13 @@ def verify_task(edges: np.ndarray, texts: dict[int, str], config: DedupConfig) -
 
 
 @ray.remote(num_cpus=1)
-def filter_task(source: str, target: str, tmp_dir: str, removed: np.ndarray) -> int:
-    """Copy one input shard without its removed documents (atomic; skipped when published)."""
+def filter_task(source: str, target: str, tmp_dir: str, removed: np.ndarray | list[str]) -> int:
+    """Copy one input shard without its removed documents (atomic; skipped when published). `removed`: the
+    keys, or the files holding this shard's removed keys (partitioned components)."""
     if Path(target).exists():
         return pq.read_metadata(target).num_rows
+    if isinstance(removed, list):
+        removed = np.concatenate([pq.read_table(f)["key"].to_numpy() for f in removed] or [np.empty(0, np.int64)])
     table = pq.read_table(source)
     keys = np.array([doc_key(d) for d in table["doc_id"].to_pylist()], dtype=np.int64)
     kept = table.filter(pa.array(~np.isin(keys, removed)))
@@ -217,18 +231,26 @@ def filter_task(source: str, target: str, tmp_dir: str, removed: np.ndarray) -> 
 BUCKET_ATTEMPTS = 3
 
 
-def _bucket_edges(sig_paths: list[Path], methods: list[str], num_actors: int
-                  ) -> tuple[tuple[dict[str, np.ndarray], int], int]:
-    """Route every key to fresh bucket actors and collect star edges; redone when an actor is lost.
+def _bucket_edges(sig_paths: list[Path], methods: list[str], num_actors: int, cand_dir: Path, tmp_dir: Path
+                  ) -> tuple[tuple[dict[str, list[str]], int], int]:
+    """Route every key to fresh bucket actors; each writes its star edges per method; redone when an actor
+    is lost.
 
     Actor state lives in memory only, so losing an actor (its node died) restarts this phase from the
     published signature shards with new actors; the result does not depend on where actors ran. Returns
-    ((edges per method, peak bytes held by one actor), times the phase was redone).
+    ((candidate edge files per method, peak bytes held by one actor), times the phase was redone).
     """
-    def bucket(actors: list[Any]) -> tuple[dict[str, np.ndarray], int]:
+    def bucket(actors: list[Any]) -> tuple[dict[str, list[str]], int]:
+        shutil.rmtree(cand_dir, ignore_errors=True)
         ray.get([route_task.remote(str(p), actors, methods) for p in sig_paths])
         peak = max(ray.get([a.memory_bytes.remote() for a in actors]), default=0)
-        return {m: np.concatenate(ray.get([a.edges.remote(m) for a in actors])) for m in methods}, peak
+        files: dict[str, list[str]] = {}
+        for method in methods:
+            targets = [str(cand_dir / method / f"{i:05d}.parquet") for i in range(len(actors))]
+            counts = ray.get([a.edges.remote(m, t, str(tmp_dir))
+                              for a, m, t in zip(actors, [method] * len(actors), targets, strict=True)])
+            files[method] = [t for t, n in zip(targets, counts, strict=True) if n]
+        return files, peak
 
     return with_fresh_actors(lambda: [BucketActor.remote() for _ in range(num_actors)],  # type: ignore[attr-defined]
                              bucket, BUCKET_ATTEMPTS, "dedup bucketing")
@@ -238,27 +260,20 @@ def _chunks(array: np.ndarray, size: int) -> list[np.ndarray]:
     return [array[i : i + size] for i in range(0, len(array), size)] or [array]
 
 
-def run_dedup(
-    sources: list[Path], work_dir: Path, out_dir: Path, tmp_dir: Path, config: DedupConfig
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Dedup the document shards `sources`; returns (stats, one row per removed document).
-
-    Kept documents are written to `out_dir` with the same file names as their source shards.
-    """
-    sig_paths = [work_dir / "sig" / s.name for s in sources]
-    counted = ray.get([
-        signature_task.remote(str(s), str(t), str(tmp_dir), config) for s, t in zip(sources, sig_paths, strict=True)
-    ])
-    docs_in, char_docs = sum(docs for docs, _ in counted), sum(chars for _, chars in counted)
-    (edges, peak_actor_bytes), bucket_redone = _bucket_edges(sig_paths, config.methods(), config.num_actors)
-    candidates = {m: np.unique(e, axis=0) if len(e) else e.reshape(0, 2) for m, e in edges.items()}
-    involved = np.unique(np.concatenate([e.reshape(-1) for e in candidates.values()] or [np.empty(0, np.int64)]))
+def _driver_clusters(sources: list[Path], candidates: dict[str, list[str]], config: DedupConfig, audit: Path,
+                     tmp_dir: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """Verification, union-find and representatives on the driver (small inputs); the audit rows → `audit`.
+    Returns (counters, removed keys)."""
+    edges = {m: read_pairs(files) for m, files in candidates.items()}
+    candidates_unique = {m: np.unique(e, axis=0) if len(e) else e.reshape(0, 2) for m, e in edges.items()}
+    involved = np.unique(np.concatenate([e.reshape(-1) for e in candidates_unique.values()]
+                                        or [np.empty(0, np.int64)]))
     info: dict[int, DocInfo] = {}
     wanted = ray.put(involved)
     for part in ray.get([gather_task.remote(str(s), wanted) for s in sources]):
         info.update(part)
     verified: list[tuple[int, int, float]] = []
-    fuzzy = candidates.get("fuzzy", np.empty((0, 2), np.int64))
+    fuzzy = candidates_unique.get("fuzzy", np.empty((0, 2), np.int64))
     if len(fuzzy) and config.verify:
         texts = ray.put({k: v.text for k, v in info.items()})
         for kept in ray.get([verify_task.remote(c, texts, config) for c in _chunks(fuzzy, 2000)]):
@@ -268,30 +283,95 @@ def run_dedup(
     dense = {int(k): i for i, k in enumerate(involved.tolist())}
     all_edges = [(dense[a], dense[b]) for a, b, _ in verified]
     for method in ("exact", "url"):
-        all_edges += [(dense[a], dense[b]) for a, b in candidates.get(method, np.empty((0, 2))).tolist()]
+        all_edges += [(dense[a], dense[b]) for a, b in candidates_unique.get(method, np.empty((0, 2))).tolist()]
     labels = connected_components(len(involved), all_edges)
     clusters: dict[int, list[int]] = {}
     for index, label in enumerate(labels.tolist()):
         clusters.setdefault(label, []).append(int(involved[index]))
     removed_docs, removed = cluster_rows(clusters.values(), info, config)
-    rows = [asdict(row) for row in removed_docs]
-    removed_ref = ray.put(np.array(removed, np.int64))
-    ray.get([filter_task.remote(str(s), str(out_dir / s.name), str(tmp_dir), removed_ref) for s in sources])
-    counts = {m: sum(r["method"] == m for r in rows) for m in METHODS}
-    sizes = [len(m) for m in clusters.values() if len(m) > 1]
+    publish_table(pa.Table.from_pylist([asdict(r) for r in removed_docs], schema=DUPLICATES_SCHEMA), audit, tmp_dir)
+    counters = {
+        "candidate_edges": {m: int(len(e)) for m, e in candidates_unique.items()},
+        "methods": {m: sum(r.method == m for r in removed_docs) for m in METHODS},
+        "sizes": [len(m) for m in clusters.values() if len(m) > 1],
+        "verified_fuzzy_edges": len(verified),
+        "components": {"mode": "driver", "documents_held": len(info), "edges_held": len(all_edges)},
+    }
+    return counters, np.array(removed, np.int64)
+
+
+def components_mode(config: DedupConfig, docs_in: int) -> str:
+    """`driver` or `partitioned`: the configured one, or with `auto` by the input's size."""
+    if config.components != "auto":
+        return config.components
+    return "driver" if docs_in <= config.driver_max_docs else "partitioned"
+
+
+def run_dedup(
+    sources: list[Path], work_dir: Path, out_dir: Path, tmp_dir: Path, config: DedupConfig
+) -> tuple[dict[str, Any], list[Path]]:
+    """Dedup the document shards `sources`; returns (stats, the audit's part files: one row per removed
+    document, each part sorted by doc_id).
+
+    Kept documents are written to `out_dir` with the same file names as their source shards.
+    """
+    sig_paths = [work_dir / "sig" / s.name for s in sources]
+    counted = ray.get([
+        signature_task.remote(str(s), str(t), str(tmp_dir), config) for s, t in zip(sources, sig_paths, strict=True)
+    ])
+    docs_in, char_docs = sum(docs for docs, _ in counted), sum(chars for _, chars in counted)
+    (candidates, peak_actor_bytes), bucket_redone = _bucket_edges(sig_paths, config.methods(), config.num_actors,
+                                                                  work_dir / "cand", tmp_dir)
+    started = time.perf_counter()
+    removed_for: list[Any]  # per shard: its removed-key files, or one object ref to all removed keys
+    if components_mode(config, docs_in) == "partitioned":
+        layout = PartLayout(work_dir / "parts", config.partitions, tmp_dir)
+        counters = partitioned_clusters(sources, candidates, layout, config)
+        audit = [Path(f) for f in layout.files("duplicates")]
+        removed_for = [layout.files("removed", f"{i:06d}") for i in range(len(sources))]
+    else:
+        audit = [work_dir / "driver-duplicates.parquet"]
+        counters, removed = _driver_clusters(sources, candidates, config, audit[0], tmp_dir)
+        removed_ref = ray.put(removed)
+        removed_for = [removed_ref] * len(sources)
+    components_seconds = time.perf_counter() - started
+    ray.get([filter_task.remote(str(s), str(out_dir / s.name), str(tmp_dir), r)
+             for s, r in zip(sources, removed_for, strict=True)])
+    counts, sizes = counters["methods"], counters["sizes"]
     bands, band_rows = config.lsh()
     stats = {
         "records_in": docs_in,
-        "records_out": docs_in - len(removed),
+        "records_out": docs_in - sum(counts.values()),
         "dropped": {f"{m}_duplicate": counts[m] for m in METHODS if counts[m]},
         "clusters": len(sizes),
         "largest_cluster": max(sizes, default=1),
-        "candidate_edges": {m: int(len(e)) for m, e in candidates.items()},
-        "verified_fuzzy_edges": len(verified),
+        "candidate_edges": counters["candidate_edges"],
+        "verified_fuzzy_edges": counters["verified_fuzzy_edges"],
+        "components": {**counters["components"], "seconds": round(components_seconds, 3)},
         "lsh": {"bands": bands, "rows": band_rows},
         "shingles": {"setting": config.shingle, "ngram": config.ngram, "word_documents": docs_in - char_docs,
                      "char_documents": char_docs},
         "peak_actor_bytes": int(peak_actor_bytes),
         "recovery": {"signature_tasks_retried": _retried(work_dir / "sig"), "bucket_phase_redone": bucket_redone},
     }
-    return stats, rows
+    return stats, audit
+
+
+def read_audit(parts: list[Path]) -> list[dict[str, Any]]:
+    """Every audit row of `parts` (tests and small runs; the flow streams them into one file instead)."""
+    return [row for part in parts for row in pq.read_table(part).to_pylist()]
+
+
+def write_audit(parts: list[Path], target: Path, tmp_dir: Path) -> int:
+    """Concatenate the audit parts into `target` one part at a time (atomic); returns the rows written."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    staging = tmp_dir / f"{target.name}.{os.getpid()}.tmp"
+    rows = 0
+    with pq.ParquetWriter(staging, DUPLICATES_SCHEMA, compression="zstd") as writer:
+        writer.write_table(DUPLICATES_SCHEMA.empty_table())
+        for part in parts:
+            table = pq.read_table(part).cast(DUPLICATES_SCHEMA)
+            writer.write_table(table)
+            rows += table.num_rows
+    os.replace(staging, target)
+    return rows

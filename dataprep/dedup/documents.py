@@ -13,6 +13,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+import pyarrow as pa
 from pydantic import Field, model_validator
 from scipy.integrate import quad
 
@@ -44,6 +45,12 @@ class DedupConfig(StageConfig):
     rows: int | None = Field(None, ge=1, description="override datasketch's optimal rows per band")
     verify: bool = Field(True, description="keep a fuzzy edge only if exact Jaccard >= threshold")
     num_actors: int = Field(2, ge=1, description="LSH bucket actors (each holds 1/N of the keys)")
+    components: Literal["auto", "driver", "partitioned"] = Field(
+        "auto", description="where verification, connected components and representatives run: on Ray tasks over "
+        "`partitions` key partitions (no process holds all documents or edges), or on the driver (faster for "
+        "small inputs); auto: the driver up to `driver_max_docs` input documents. The output is the same")
+    partitions: int = Field(4, ge=1, description="key partitions of the partitioned components")
+    driver_max_docs: int = Field(100_000, ge=0, description="auto: the largest input done on the driver")
     keep: Literal["earliest_crawl", "longest_text", "lowest_id"] = "earliest_crawl"
     lines: LineDedupConfig = Field(LineDedupConfig(), description="line/paragraph dedup after document dedup")
 
@@ -224,6 +231,19 @@ class DocInfo:
     text: str
     crawl_date: datetime | None
     url: str | None
+
+
+# the audit table (`duplicates.parquet`): one row per removed document
+DUPLICATES_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("cluster_id", pa.string(), nullable=False),
+        pa.field("representative_id", pa.string(), nullable=False),
+        pa.field("similarity", pa.float64()),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("cluster_size", pa.int64(), nullable=False),
+    ]
+)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ _SENTENCE = re.compile(r"[^.!?。！？\n]+(?:[.!?。！？]+|$)")
 
 
 class LanguageParams(RuleParams):
-    model: ConfigLocation | None = Field(None, description="fastText LID model; default fastText's lid.176.ftz (shipped)")
+    model: ConfigLocation | None = Field(None, description="fastText LID model; default: the shipped lid.176.ftz")
     keep: tuple[str, ...] = ("en",)
     min_score: float = Field(0.65, ge=0.0, le=1.0)
 

@@ -26,13 +26,14 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from tests.workers.test_dedup_workers import PARAMS, _corpus, _write_shards  # noqa: E402
-from workers.dedup import ATTEMPTS_DIR, HOLD_ENV, run_dedup  # noqa: E402
+from workers.dedup import ATTEMPTS_DIR, HOLD_ENV, read_audit, run_dedup  # noqa: E402
 
 RECOVERY: dict[str, dict] = {}
 
 
 def outcome(root: Path, sources: list[Path]) -> tuple[list, list]:
-    stats, rows = run_dedup(sources, root / "work", root / "out", root / "tmp", PARAMS)
+    stats, audit = run_dedup(sources, root / "work", root / "out", root / "tmp", PARAMS)
+    rows = read_audit(audit)
     RECOVERY[root.name] = stats["recovery"]
     kept = sorted(d for p in sorted((root / "out").glob("*.parquet")) for d in pq.read_table(p)["doc_id"].to_pylist())
     return sorted((r["doc_id"], r["representative_id"], r["method"]) for r in rows), kept

@@ -12,7 +12,7 @@ import pytest
 
 from dataprep.dedup.documents import DedupConfig
 from dataprep.ingest.documents import DOCUMENT_SCHEMA
-from workers.dedup import run_dedup
+from workers.dedup import read_audit, run_dedup
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,8 @@ def _write_shards(folder: Path, docs: list[dict], per_shard: int) -> list[Path]:
 
 
 def _run(tmp: Path, sources: list[Path], **overrides: object) -> tuple[dict, list[dict], list[str]]:
-    stats, rows = run_dedup(sources, tmp / "work", tmp / "out", tmp / "tmp", PARAMS.model_copy(update=overrides))
+    stats, audit = run_dedup(sources, tmp / "work", tmp / "out", tmp / "tmp", PARAMS.model_copy(update=overrides))
+    rows = read_audit(audit)
     kept = sorted(d for p in sorted((tmp / "out").glob("*.parquet")) for d in pq.read_table(p)["doc_id"].to_pylist())
     return stats, rows, kept
 
@@ -93,3 +94,44 @@ def test_same_output_for_1_2_4_actors_and_shuffled_input(tmp_path: Path, ray_loc
                   kept)
         reference = reference or result
         assert result == reference, f"run {run}: {actors} actors, shuffle seed {seed}"
+
+
+def _chains(rng: random.Random, count: int, length: int) -> list[dict]:
+    """Chains of near-copies: each link 3 % of words edited from the one before, so far ends of a chain can
+    fall below the threshold while every link passes: only connected components join a chain into one cluster."""
+    docs = []
+    for chain in range(count):
+        words = [f"c{rng.randrange(30_000)}" for _ in range(300)]
+        for link in range(length):
+            docs.append(_doc(f"chain-{chain:02d}-{link}", " ".join(words), f"https://chain.example/{chain}/{link}",
+                             day=rng.randrange(30)))
+            for position in rng.sample(range(len(words)), len(words) * 3 // 100):
+                words[position] = f"e{rng.randrange(30_000)}"
+    return docs
+
+
+def _outcome(rows: list[dict], kept: list[str]) -> tuple[list[tuple], list[str]]:
+    return sorted((r["doc_id"], r["cluster_id"], r["representative_id"], r["method"], round(r["similarity"], 9),
+                   r["cluster_size"]) for r in rows), kept
+
+
+def test_partitioned_components_equal_the_driver_for_1_2_4_partitions_and_shuffled_input(
+        tmp_path: Path, ray_local: None) -> None:
+    docs, _ = _corpus(random.Random(13), originals=30)
+    docs += _chains(random.Random(4), count=6, length=6)
+    driver_stats, rows, kept = _run(tmp_path / "driver", _write_shards(tmp_path / "in", docs, 20), components="driver")
+    reference = _outcome(rows, kept)
+    assert driver_stats["components"]["mode"] == "driver" and driver_stats["largest_cluster"] == 6
+    held = {}
+    for run, (partitions, seed) in enumerate([(1, None), (2, None), (4, None), (4, 5)]):
+        ordered = list(docs)
+        if seed is not None:
+            random.Random(seed).shuffle(ordered)
+        sources = _write_shards(tmp_path / f"in{run}", ordered, 20)
+        stats, rows, kept = _run(tmp_path / f"run{run}", sources, components="partitioned", partitions=partitions)
+        assert _outcome(rows, kept) == reference, f"{partitions} partitions, shuffle seed {seed}"
+        assert stats["components"]["mode"] == "partitioned" and stats["components"]["rounds"] >= 2
+        assert {k: v for k, v in stats.items() if k != "components"} == {
+            k: v for k, v in driver_stats.items() if k != "components"}
+        held[partitions] = stats["components"]["largest_task_rows"]
+    assert held[4] < held[2] < held[1], f"the largest table one task holds falls as partitions grow: {held}"
