@@ -105,7 +105,7 @@ def _retried(sig_dir: Path) -> int:
     return len(list((sig_dir / ATTEMPTS_DIR).glob("*.retried")))
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def signature_task(source: str, target: str, tmp_dir: str, config: DedupConfig) -> tuple[int, int]:
     """Keys of one input shard → `target` (skipped when it exists). Returns (documents, documents shingled by
     characters)."""
@@ -170,7 +170,7 @@ def _band_buckets(bands: np.ndarray) -> np.ndarray:
     return (bands.view(np.uint64) ^ index).reshape(-1)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def route_task(sig_path: str, actors: list[Any], methods: list[str]) -> int:
     """Send each key of one signature shard to the actor that owns its bucket (bucket mod N)."""
     table = pq.read_table(sig_path)
@@ -195,7 +195,7 @@ def route_task(sig_path: str, actors: list[Any], methods: list[str]) -> int:
     return len(keys)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def gather_task(source: str, wanted: np.ndarray) -> dict[int, DocInfo]:
     """doc key → what clustering needs, for the wanted documents of one shard."""
     table = pq.read_table(source, columns=["doc_id", "text", "crawl_date", "url"])
@@ -206,14 +206,14 @@ def gather_task(source: str, wanted: np.ndarray) -> dict[int, DocInfo]:
             for r, p in zip(rows, picked, strict=True)}
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def verify_task(edges: np.ndarray, texts: dict[int, str], config: DedupConfig) -> list[tuple[int, int, float]]:
     """Exact Jaccard of each candidate edge; keeps those at or above the threshold."""
     shingle_sets = {int(key): set(config.shingles(texts[int(key)])) for key in np.unique(edges)}
     return verify_edges(edges, shingle_sets, config.threshold)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def filter_task(source: str, target: str, tmp_dir: str, removed: np.ndarray | list[str]) -> int:
     """Copy one input shard without its removed documents (atomic; skipped when published). `removed`: the
     keys, or the files holding this shard's removed keys (partitioned components)."""

@@ -111,7 +111,7 @@ def _held(*arrays: np.ndarray) -> int:
 # ------------------------------------------------------------------------------------------------ tasks
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def endpoints_task(candidate_files: list[str], partition: int, layout: PartLayout) -> tuple[int, int]:
     """The distinct keys of `partition` on any candidate edge → `involved/<p>.parquet`. (keys, bytes held)."""
     found = []
@@ -123,7 +123,7 @@ def endpoints_task(candidate_files: list[str], partition: int, layout: PartLayou
     return len(involved), _held(involved)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def facts_task(source: str, shard: int, layout: PartLayout) -> tuple[int, int]:
     """The involved documents of one input shard → `facts/<p>/<shard>.parquet` (key, shard, text, URL, date)."""
     table = pq.read_table(source, columns=FACT_COLUMNS)
@@ -143,7 +143,7 @@ def facts_task(source: str, shard: int, layout: PartLayout) -> tuple[int, int]:
     return written, held + int(table.nbytes)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def attach_task(fuzzy_files: list[str], partition: int, layout: PartLayout) -> int:
     """The distinct fuzzy edges (a, b) with a in `partition` (one band's bucket can repeat another's edge) + a's
     text → `half/<partition of b>/<p>.parquet`. Returns the distinct edges."""
@@ -157,7 +157,7 @@ def attach_task(fuzzy_files: list[str], partition: int, layout: PartLayout) -> i
     return len(edges)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def verify_task(partition: int, layout: PartLayout, config: DedupConfig) -> int:
     """Exact Jaccard of the fuzzy edges whose b is in `partition`; keeps those ≥ threshold → `verified/<p>`."""
     halves = [pq.read_table(path) for path in layout.files("half", partition)]
@@ -174,14 +174,14 @@ def verify_task(partition: int, layout: PartLayout, config: DedupConfig) -> int:
     return len(pairs)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def scatter_task(edge_files: list[str], name: str, layout: PartLayout) -> int:
     """Edges → round 0: both directions of each, by the partition of their first node."""
     pairs = both_directions(read_pairs(edge_files))
     return _split_pairs(pairs, pairs[:, 0], layout, "cc", 0, name=name)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def star_task(round_number: int, partition: int, step: Step, layout: PartLayout) -> tuple[bool, int]:
     """One large- or small-star round over the pairs of `partition` → round + 1. Returns (whether this
     partition's pairs equal those of two rounds before, i.e. the last large-star's input; pairs held)."""
@@ -195,7 +195,7 @@ def star_task(round_number: int, partition: int, step: Step, layout: PartLayout)
     return unchanged, len(pairs)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def labels_task(round_number: int, partition: int, layout: PartLayout) -> int:
     """Converged: each node of `partition` and its component's smallest key → `labels/<p>.parquet`."""
     nodes, labels = star_labels(unique_pairs(read_pairs(layout.files("cc", round_number, partition))))
@@ -204,7 +204,7 @@ def labels_task(round_number: int, partition: int, layout: PartLayout) -> int:
     return len(nodes)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def members_task(partition: int, layout: PartLayout) -> int:
     """Facts of the labelled nodes of `partition` → `members/<partition of label>/<p>.parquet`."""
     labels_file = layout.dir("labels") / f"{partition:05d}.parquet"
@@ -218,7 +218,7 @@ def members_task(partition: int, layout: PartLayout) -> int:
     return joined.num_rows
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def cluster_task(partition: int, layout: PartLayout, config: DedupConfig) -> dict[str, Any]:
     """Representatives of the clusters labelled in `partition`: audit rows → `duplicates/<p>.parquet`, removed
     keys → `removed/<input shard>/<p>.parquet`. Returns counts per method, cluster sizes and rows held."""

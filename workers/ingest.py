@@ -15,7 +15,7 @@ from dataprep.stage import FaultPlan, StageDir
 log = logging.getLogger(__name__)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def ingest_file_task(
     stage_path: str, unit: IngestUnit, settings: IngestConfig, fault: FaultPlan | None
 ) -> dict[str, Any]:

@@ -107,7 +107,7 @@ class LineCountActor:
         return self.table.query(hashes, self.rule, self.min_docs)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def hash_task(source: str, target: str, tmp_dir: str, config: LineDedupConfig) -> np.ndarray:
     """(hash, doc key) pairs of one document shard → `target`; returns the pair count per partition."""
     table = pq.read_table(source, columns=["doc_id", "text"])
@@ -119,7 +119,7 @@ def hash_task(source: str, target: str, tmp_dir: str, config: LineDedupConfig) -
     return np.bincount(partitions(hashes, config.num_actors), minlength=config.num_actors)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def route_task(path: str, actors: list[Any], kind: str) -> int:
     """Send the pairs of one work file to their partitions' actors, `kind` "screen" or "count"."""
     table = pq.read_table(path)
@@ -189,7 +189,7 @@ def _rewrite(
     return new_texts, lines, chars, stats
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def remove_task(
     source: str, target: str, removed_target: str, tmp_dir: str, config: LineDedupConfig, actors: list[Any],
     audit: np.ndarray,

@@ -50,7 +50,7 @@ def row_id(doc_id: str, chunk_index: int) -> int:
     return xxhash.xxh3_64_intdigest(f"{doc_id}\0{chunk_index}".encode()) & ROW_ID_MASK
 
 
-@ray.remote(num_cpus=1, max_retries=3)
+@ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")
 def chunk_task(source: str, target: str, tmp_dir: str, tokenizer_path: str, config: ChunkConfig) -> int:
     """Chunk one document shard → `target` (skipped when published); returns the chunk count."""
     if Path(target).exists():

@@ -51,7 +51,7 @@ def _stream_paths(stream_dir: Path, shard_index: int) -> dict[str, Path]:
     return {split: stream_dir / f"{split}-{shard_index:05d}.npy" for split in SPLITS}
 
 
-@ray.remote(num_cpus=1, max_retries=3)
+@ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")
 def tokenize_shard_task(source: str, shard_index: int, tokenizer_dir: str, stream_dir: str, holdout: float,
                         eot_token: str) -> dict[str, Any]:
     """Encode one shard into a train and a held-out stream; returns per-split document and token counts."""

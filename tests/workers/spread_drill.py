@@ -1,0 +1,88 @@
+"""Drill run in its own process by test_multinode: the data stages on a simulated 3-node Ray cluster.
+
+A `ray.cluster_utils.Cluster` with a head that schedules but does not compute (0 CPUs) and two worker nodes of
+one CPU each; the real flows (ingest → dedup → filter → rag, then tokenize) attach to it through `ray.address`,
+as `forgeline run --address` does on a real cluster. Prints one JSON line: for each stage's tasks or actors (by
+Ray's State API), the distinct nodes they ran on, plus the stage counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["RAY_AUTH_MODE"] = "disabled"  # a test cluster of this process only, on 127.0.0.1
+# every node on loopback: without this, Ray resolves the 127.0.0.1 address it is given to the LAN address
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+for variable in ("RAY_ADDRESS", "PREFECT_API_URL"):
+    os.environ.pop(variable, None)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+from ray.util.state import list_actors, list_tasks  # noqa: E402
+
+from dataprep.sample.build import build_sample  # noqa: E402
+
+TASKS = {"ingest": "ingest_file_task", "dedup": "signature_task", "tokenize": "tokenize_shard_task"}
+ACTORS = {"filter": "FilterActor", "rag": "MapWorker"}
+
+
+def nodes_of_tasks(name: str) -> list[str]:
+    tasks = list_tasks(filters=[("func_or_class_name", "=", name)], limit=10_000, raise_on_missing_output=False)
+    return sorted({t.node_id for t in tasks if t.node_id and t.state == "FINISHED"})
+
+
+def nodes_of_actors(prefix: str) -> list[str]:
+    actors = list_actors(limit=10_000, raise_on_missing_output=False)
+    return sorted({a.node_id for a in actors if a.class_name.startswith(prefix) and a.node_id})
+
+
+def main(folder: str) -> None:
+    root = Path(folder)
+    build_sample(root / "sample", prose_pages=60, warc_files=4)
+    local = {"node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, **local})
+    workers = {cluster.add_node(num_cpus=1, **local).node_id for _ in range(2)}
+    cluster.wait_for_nodes()
+    os.environ["FORGELINE_HOME"] = str(root / "home")
+    os.environ["PREFECT_HOME"] = str(root / "home" / "prefect")
+
+    from flows.config import parse_config
+    from flows.pipeline import pipeline_flow
+    from flows.tokenize import tokenize_flow
+
+    config = parse_config({
+        "name": "spread", "run_dir": str(root / "run"), "ray": {"address": cluster.address},
+        "ingest": {"inputs": [str(root / "sample" / "crawl-*.warc.gz")], "shard_max_records": 10},
+        "filter": {"num_actors": 2, "steps": [{"rule": "gopher_repetition"}, {"rule": "c4"}]},
+        "tokenize": {"vocab_size": 300, "seq_len": 32},
+        "rag": {"num_actors": 2},
+    })
+    results = pipeline_flow(config, "rag")
+    # Tokenizing a shard of this tiny sample takes milliseconds: the owner's warm leased worker would run all of
+    # them before a cold worker process started on the other node. A long-lived cluster has warm workers on
+    # every node; so does this one, for the tokenize stage, after one trivial task per node.
+    warm = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(lambda: ray.get_runtime_context().get_node_id())
+    while len(set(ray.get([warm.remote() for _ in range(4)]))) < 2:
+        pass
+    tokens = tokenize_flow(config, results["filter"]["path"])
+    report = {
+        "worker_nodes": sorted(workers),
+        "nodes": {**{stage: nodes_of_tasks(name) for stage, name in TASKS.items()},
+                  **{stage: nodes_of_actors(name) for stage, name in ACTORS.items()}},
+        "records": {stage: results[stage]["stats"].get("records_out") for stage in ("ingest", "dedup", "filter")},
+        "tokens": tokens["stats"]["records_in"],
+        "chunks": results["rag"]["stats"]["chunks"],
+    }
+    print(json.dumps(report))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
