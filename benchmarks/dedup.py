@@ -82,14 +82,18 @@ def write_shards(folder: Path, rows: list[dict], per_shard: int = 2000) -> list[
     return paths
 
 
-def params(actors: int, **components: object) -> DedupConfig:
-    return DedupConfig(url=False, threshold=THRESHOLD, num_actors=actors, keep="lowest_id", **components)
+def params(default_partitions: int, **components: object) -> DedupConfig:
+    """The benchmark's dedup settings; `components` may set its own `partitions`."""
+    return DedupConfig(**{"url": False, "threshold": THRESHOLD, "partitions": default_partitions, "keep": "lowest_id",
+                          **components})
 
 
-def dedup_once(sources: list[Path], work: Path, actors: int, **components: object) -> tuple[float, dict, list[dict]]:
+def dedup_once(sources: list[Path], work: Path, default_partitions: int, **components: object
+               ) -> tuple[float, dict, list[dict]]:
     shutil.rmtree(work, ignore_errors=True)
     started = time.perf_counter()
-    stats, audit = run_dedup(sources, work / "work", work / "out", work / "tmp", params(actors, **components))
+    settings = params(default_partitions, **components)
+    stats, audit = run_dedup(sources, work / "work", work / "out", work / "tmp", settings)
     return time.perf_counter() - started, stats, read_audit(audit)
 
 
@@ -216,9 +220,9 @@ def main() -> None:
         for cpus in (1, 2):
             restart_ray(cpus, root)
             for mode, components in modes.items():
-                dedup_once(sources, root / "warm", actors=cpus, **components)  # warm-up: workers, imports
+                dedup_once(sources, root / "warm", default_partitions=cpus, **components)  # warm-up: workers, imports
                 for _ in range(args.repeat):
-                    seconds, stats, removed = dedup_once(sources, root / "run", actors=cpus, **components)
+                    seconds, stats, removed = dedup_once(sources, root / "run", default_partitions=cpus, **components)
                     rates.setdefault(f"{mode}_{cpus}_cpu", []).append(len(rows) / seconds)
                     outputs.append(sorted((r["doc_id"], r["representative_id"]) for r in removed))
                 print(f"dedup {mode} on {cpus} CPU: {spread(rates[f'{mode}_{cpus}_cpu'])} docs/s", flush=True)
@@ -229,9 +233,9 @@ def main() -> None:
                 statistics.median(rates[f"{mode}_2_cpu"]) / statistics.median(rates[f"{mode}_1_cpu"]), 2)
         metrics["quality"] = quality(removed, planted)
         print(f"quality {metrics['quality']} scaling {scaling}", flush=True)
-        _, half_stats, _ = dedup_once(half_sources, root / "half-run", actors=2)
-        scaling["actor_bytes_half_corpus"] = half_stats["peak_actor_bytes"]
-        scaling["actor_bytes_full_corpus"] = stats["peak_actor_bytes"]
+        _, half_stats, _ = dedup_once(half_sources, root / "half-run", default_partitions=2)
+        scaling["partition_bytes_half_corpus"] = half_stats["peak_partition_bytes"]
+        scaling["partition_bytes_full_corpus"] = stats["peak_partition_bytes"]
         metrics["scaling"] = scaling
         metrics["docs"] = len(rows)
 

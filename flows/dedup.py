@@ -33,7 +33,7 @@ class DedupStage(StageSpec):
         and no `lines` section while line dedup is off (outputs of earlier versions keep their address)."""
         settings = config.dedup
         bands, rows = settings.lsh()
-        exclude: dict[str, Any] = {"num_actors": True, "components": True, "partitions": True,
+        exclude: dict[str, Any] = {"components": True, "partitions": True,
                                    "driver_max_docs": True,
                                    "lines": {"num_actors": True} if self.lines_on(config) else True}
         return {**settings.model_dump(mode="json", exclude=exclude), "bands": bands, "rows": rows}
@@ -69,7 +69,7 @@ class DedupStage(StageSpec):
 
     def resources(self, config: RunConfig) -> dict[str, Any]:
         resources = {"tasks": "signature, routing, verification and filter tasks per shard", "CPU per task": 1,
-                     "actors": f"{config.dedup.num_actors} bucket actors (0 CPU each)"}
+                     "partitions": f"{config.dedup.partitions} bucket/document partitions (1 CPU task each)"}
         if self.lines_on(config):
             resources["line actors"] = f"{config.dedup.lines.num_actors} count actors (0 CPU each)"
         return resources

@@ -3,9 +3,9 @@
 Flow of data (nothing but small arrays passes through the driver):
 1. `signature_task` per input shard: normalised-text hash, normalised-URL hash and LSH band keys of every
    document, written to `_work/sig/` (atomic, so a rerun skips finished shards).
-2. `route_task` per signature shard pushes keys to `BucketActor`s, partitioned by key hash, so each actor
-   holds about 1/N of all keys; each actor returns star edges (smallest doc key → other members).
-   Each actor writes its edges to `_work/cand/<method>/<actor>.parquet`.
+2. `route_task` per signature shard writes its (bucket, document key) pairs into P partitions by bucket hash
+   (`_work/buckets/`), and `edges_task` per partition turns each bucket into a star of edges (smallest document
+   key → the other members) in `_work/cand/<method>/<p>.parquet`: each task holds about 1/P of all keys.
 3. Verification, connected components and representatives, one of two ways (`dedup.components`):
    - `partitioned` (`workers.dedup_partitioned`): every step on Ray tasks over P key partitions, joined through
      Parquet files, components by large-star / small-star rounds: no process holds all documents or edges;
@@ -48,7 +48,6 @@ from dataprep.dedup.documents import (
 from dataprep.dedup.minhash import MinHasher, char_shingles, normalise_text
 from dataprep.shards import publish_table
 from workers.dedup_partitioned import PartLayout, partitioned_clusters, read_pairs, write_pairs
-from workers.ray_runtime import with_fresh_actors
 
 log = logging.getLogger(__name__)
 
@@ -138,32 +137,6 @@ def signature_task(source: str, target: str, tmp_dir: str, config: DedupConfig) 
     return len(doc_ids), len(chars)
 
 
-@ray.remote(num_cpus=0)
-class BucketActor:
-    """Holds the (bucket key, document key) pairs of its hash partition, per dedup method."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in METHODS}
-
-    def add(self, method: str, buckets: np.ndarray, keys: np.ndarray) -> int:
-        self.parts[method].append((buckets, keys))
-        return len(keys)
-
-    def edges(self, method: str, target: str, tmp_dir: str) -> int:
-        """Star edges of this actor's buckets for `method` → `target` (Parquet a, b); returns their count."""
-        parts = self.parts.pop(method, [])
-        if not parts:
-            return 0
-        buckets = np.concatenate([b for b, _ in parts]).view(np.uint64)
-        keys = np.concatenate([k for _, k in parts])
-        edges = star_edges(buckets, keys)
-        write_pairs(Path(target), edges, Path(tmp_dir))
-        return len(edges)
-
-    def memory_bytes(self) -> int:
-        return sum(b.nbytes + k.nbytes for parts in self.parts.values() for b, k in parts)
-
-
 def _band_buckets(bands: np.ndarray) -> np.ndarray:
     """One bucket per (band index, band key): mix the band index into the key."""
     index = np.arange(bands.shape[1], dtype=np.uint64)[None, :] * np.uint64(0x9E3779B97F4A7C15)
@@ -171,12 +144,11 @@ def _band_buckets(bands: np.ndarray) -> np.ndarray:
 
 
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
-def route_task(sig_path: str, actors: list[Any], methods: list[str]) -> int:
-    """Send each key of one signature shard to the actor that owns its bucket (bucket mod N)."""
+def route_task(sig_path: str, methods: list[str], partitions: int, bucket_dir: str, tmp_dir: str) -> int:
+    """The (bucket, document key) pairs of one signature shard, per method, into the partition that owns each
+    bucket (bucket mod P): `<bucket_dir>/<method>/<p>/<shard>.parquet`."""
     table = pq.read_table(sig_path)
     keys = table["key"].to_numpy()
-    count = len(actors)
-    pending = []
     for method in methods:
         if method == "fuzzy":
             width = table.schema.field("bands").type.list_size
@@ -186,13 +158,26 @@ def route_task(sig_path: str, actors: list[Any], methods: list[str]) -> int:
             column = table["text_hash" if method == "exact" else "url_hash"].to_numpy()
             valid = column != 0
             buckets, members = column[valid].view(np.uint64), keys[valid]
-        owner = (buckets % np.uint64(count)).astype(np.int64)
-        for index, actor in enumerate(actors):
-            chosen = owner == index
+        owner = (buckets % np.uint64(partitions)).astype(np.int64)
+        for partition in range(partitions):
+            chosen = owner == partition
             if chosen.any():
-                pending.append(actor.add.remote(method, buckets[chosen].view(np.int64), members[chosen]))
-    ray.get(pending)
+                part = pa.table({"bucket": buckets[chosen].view(np.int64), "key": members[chosen]})
+                publish_table(part, Path(bucket_dir) / method / f"{partition:05d}" / Path(sig_path).name,
+                              Path(tmp_dir))
     return len(keys)
+
+
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+def edges_task(files: list[str], target: str, tmp_dir: str) -> tuple[int, int]:
+    """Star edges of one bucket partition (each bucket's smallest key → the others) → `target`.
+    Returns (edges, bytes of the pairs this task held)."""
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    buckets, keys = table["bucket"].to_numpy(), table["key"].to_numpy()
+    edges = star_edges(buckets.view(np.uint64), keys)
+    if len(edges):
+        write_pairs(Path(target), edges, Path(tmp_dir))
+    return len(edges), int(buckets.nbytes + keys.nbytes)
 
 
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
@@ -228,32 +213,26 @@ def filter_task(source: str, target: str, tmp_dir: str, removed: np.ndarray | li
     return kept.num_rows
 
 
-BUCKET_ATTEMPTS = 3
-
-
-def _bucket_edges(sig_paths: list[Path], methods: list[str], num_actors: int, cand_dir: Path, tmp_dir: Path
-                  ) -> tuple[tuple[dict[str, list[str]], int], int]:
-    """Route every key to fresh bucket actors; each writes its star edges per method; redone when an actor
-    is lost.
-
-    Actor state lives in memory only, so losing an actor (its node died) restarts this phase from the
-    published signature shards with new actors; the result does not depend on where actors ran. Returns
-    ((candidate edge files per method, peak bytes held by one actor), times the phase was redone).
-    """
-    def bucket(actors: list[Any]) -> tuple[dict[str, list[str]], int]:
-        shutil.rmtree(cand_dir, ignore_errors=True)
-        ray.get([route_task.remote(str(p), actors, methods) for p in sig_paths])
-        peak = max(ray.get([a.memory_bytes.remote() for a in actors]), default=0)
-        files: dict[str, list[str]] = {}
-        for method in methods:
-            targets = [str(cand_dir / method / f"{i:05d}.parquet") for i in range(len(actors))]
-            counts = ray.get([a.edges.remote(m, t, str(tmp_dir))
-                              for a, m, t in zip(actors, [method] * len(actors), targets, strict=True)])
-            files[method] = [t for t, n in zip(targets, counts, strict=True) if n]
-        return files, peak
-
-    return with_fresh_actors(lambda: [BucketActor.remote() for _ in range(num_actors)],  # type: ignore[attr-defined]
-                             bucket, BUCKET_ATTEMPTS, "dedup bucketing")
+def _bucket_edges(sig_paths: list[Path], methods: list[str], partitions: int, work_dir: Path, tmp_dir: Path
+                  ) -> tuple[dict[str, list[str]], int]:
+    """Shuffle every bucket key to its partition (`route_task` per signature shard), then star edges per
+    partition (`edges_task`): candidate edge files per method, and the most bytes one partition's task held.
+    Plain tasks, so a lost node's work is retried by Ray and the phase needs no actor to be recreated."""
+    bucket_dir, cand_dir = work_dir / "buckets", work_dir / "cand"
+    for folder in (bucket_dir, cand_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    ray.get([route_task.remote(str(p), methods, partitions, str(bucket_dir), str(tmp_dir)) for p in sig_paths])
+    jobs: dict[str, list[tuple[str, Any]]] = {}
+    for method in methods:
+        for partition in range(partitions):
+            files = sorted(str(f) for f in (bucket_dir / method / f"{partition:05d}").glob("*.parquet"))
+            if files:
+                target = str(cand_dir / method / f"{partition:05d}.parquet")
+                jobs.setdefault(method, []).append((target, edges_task.remote(files, target, str(tmp_dir))))
+    results = {method: [(target, ray.get(ref)) for target, ref in pending] for method, pending in jobs.items()}
+    candidates = {m: [t for t, (count, _) in results.get(m, []) if count] for m in methods}
+    peak = max((held for done in results.values() for _, (_, held) in done), default=0)
+    return candidates, peak
 
 
 def _chunks(array: np.ndarray, size: int) -> list[np.ndarray]:
@@ -316,13 +295,23 @@ def run_dedup(
     Kept documents are written to `out_dir` with the same file names as their source shards.
     """
     sig_paths = [work_dir / "sig" / s.name for s in sources]
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] = round(now - clock, 3)
+        clock = now
+
     counted = ray.get([
         signature_task.remote(str(s), str(t), str(tmp_dir), config) for s, t in zip(sources, sig_paths, strict=True)
     ])
     docs_in, char_docs = sum(docs for docs, _ in counted), sum(chars for _, chars in counted)
-    (candidates, peak_actor_bytes), bucket_redone = _bucket_edges(sig_paths, config.methods(), config.num_actors,
-                                                                  work_dir / "cand", tmp_dir)
-    started = time.perf_counter()
+    lap("signatures")
+    candidates, peak_partition_bytes = _bucket_edges(sig_paths, config.methods(), config.partitions, work_dir,
+                                                     tmp_dir)
+    lap("bucketing")
     removed_for: list[Any]  # per shard: its removed-key files, or one object ref to all removed keys
     if components_mode(config, docs_in) == "partitioned":
         layout = PartLayout(work_dir / "parts", config.partitions, tmp_dir)
@@ -334,9 +323,10 @@ def run_dedup(
         counters, removed = _driver_clusters(sources, candidates, config, audit[0], tmp_dir)
         removed_ref = ray.put(removed)
         removed_for = [removed_ref] * len(sources)
-    components_seconds = time.perf_counter() - started
+    lap("components")
     ray.get([filter_task.remote(str(s), str(out_dir / s.name), str(tmp_dir), r)
              for s, r in zip(sources, removed_for, strict=True)])
+    lap("filter")
     counts, sizes = counters["methods"], counters["sizes"]
     bands, band_rows = config.lsh()
     stats = {
@@ -347,12 +337,13 @@ def run_dedup(
         "largest_cluster": max(sizes, default=1),
         "candidate_edges": counters["candidate_edges"],
         "verified_fuzzy_edges": counters["verified_fuzzy_edges"],
-        "components": {**counters["components"], "seconds": round(components_seconds, 3)},
+        "components": {**counters["components"], "seconds": seconds["components"]},
+        "seconds": seconds,
         "lsh": {"bands": bands, "rows": band_rows},
         "shingles": {"setting": config.shingle, "ngram": config.ngram, "word_documents": docs_in - char_docs,
                      "char_documents": char_docs},
-        "peak_actor_bytes": int(peak_actor_bytes),
-        "recovery": {"signature_tasks_retried": _retried(work_dir / "sig"), "bucket_phase_redone": bucket_redone},
+        "peak_partition_bytes": int(peak_partition_bytes),
+        "recovery": {"signature_tasks_retried": _retried(work_dir / "sig")},
     }
     return stats, audit
 

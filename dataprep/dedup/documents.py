@@ -44,12 +44,12 @@ class DedupConfig(StageConfig):
     bands: int | None = Field(None, ge=1, description="override datasketch's optimal bands")
     rows: int | None = Field(None, ge=1, description="override datasketch's optimal rows per band")
     verify: bool = Field(True, description="keep a fuzzy edge only if exact Jaccard >= threshold")
-    num_actors: int = Field(2, ge=1, description="LSH bucket actors (each holds 1/N of the keys)")
     components: Literal["auto", "driver", "partitioned"] = Field(
         "auto", description="where verification, connected components and representatives run: on Ray tasks over "
         "`partitions` key partitions (no process holds all documents or edges), or on the driver (faster for "
         "small inputs); auto: the driver up to `driver_max_docs` input documents. The output is the same")
-    partitions: int = Field(4, ge=1, description="key partitions of the partitioned components")
+    partitions: int = Field(4, ge=1, description="hash partitions of the LSH buckets and, for the partitioned "
+                            "components, of the documents: one Ray task each, holding about 1/P of the keys")
     driver_max_docs: int = Field(100_000, ge=0, description="auto: the largest input done on the driver")
     keep: Literal["earliest_crawl", "longest_text", "lowest_id"] = "earliest_crawl"
     lines: LineDedupConfig = Field(LineDedupConfig(), description="line/paragraph dedup after document dedup")

@@ -48,7 +48,7 @@ def test_dry_run_says_what_would_run_and_why(tmp_path: Path, flow_env: None) -> 
     assert fresh["ingest"].inputs == [str(crawl)]
     assert fresh["pretrain"].action == "wait" and "tokenize output" in fresh["pretrain"].reason
     assert fresh["evaluate"].action == "wait"
-    assert fresh["dedup"].resources["actors"].startswith("2 bucket actors")
+    assert fresh["dedup"].resources["partitions"].startswith("4 bucket/document partitions")
 
     results = pipeline_flow(config, "dedup")
     assert results["ingest"]["path"] == fresh["ingest"].path, "the plan's address is the one the run used"
