@@ -98,11 +98,14 @@ def dedup_once(sources: list[Path], work: Path, default_partitions: int, **compo
 
 
 class PeakRss:
-    """Samples the resident memory of this process and of every Ray worker process from /proc while active;
-    `peak_mb` is the largest one process reached."""
+    """Samples the resident memory of this process and of every Ray worker process from /proc while active:
+    `peak_mb`, the largest RSS one process reached, and `growth_mb`, the most one process grew above its RSS
+    when first seen (the imported libraries of a worker or of this benchmark's own process are not counted)."""
 
     def __init__(self, interval_s: float = 0.02) -> None:
         self.interval_s, self.peak_kb, self._stop = interval_s, 0, threading.Event()
+        self.first_kb: dict[int, int] = {}
+        self.growth_kb = 0
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     @staticmethod
@@ -130,7 +133,10 @@ class PeakRss:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak_kb = max([self.peak_kb, *(self._rss_kb(pid) for pid in self._ray_pids())])
+            for pid in self._ray_pids():
+                rss = self._rss_kb(pid)
+                baseline = self.first_kb.setdefault(pid, rss)
+                self.peak_kb, self.growth_kb = max(self.peak_kb, rss), max(self.growth_kb, rss - baseline)
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> PeakRss:
@@ -145,6 +151,10 @@ class PeakRss:
     def peak_mb(self) -> float:
         return round(self.peak_kb / 1024, 1)
 
+    @property
+    def growth_mb(self) -> float:
+        return round(self.growth_kb / 1024, 1)
+
 
 def components_profile(sources: list[Path], work: Path, **components: object) -> dict[str, object]:
     """One dedup on 2 CPUs; the components phase's seconds, peak RSS of one process, most rows one task held.
@@ -155,7 +165,7 @@ def components_profile(sources: list[Path], work: Path, **components: object) ->
         seconds, stats, _ = dedup_once(sources, work, 2, **components)
     held = stats["components"]
     return {"seconds_total": round(seconds, 2), "components_seconds": held["seconds"],
-            "peak_process_rss_mb": rss.peak_mb,
+            "peak_process_rss_mb": rss.peak_mb, "peak_process_growth_mb": rss.growth_mb,
             "largest_task_rows": held.get("largest_task_rows", held.get("documents_held")),
             **({"rounds": held["rounds"]} if "rounds" in held else {})}
 
@@ -181,17 +191,9 @@ def restart_ray(cpus: int, temp: Path) -> None:
     init_ray(None, temp_dir=temp / f"ray{cpus}", num_cpus=cpus)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=20_000)
-    parser.add_argument("--sig-docs", type=int, default=2000)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--big-docs", type=int, default=200_000, help="the larger corpus of the components "
-                        "profile (0: skip)")
-    args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-    texts = signature_bench.corpus(args.sig_docs)  # the same documents for every path (see minhash.py)
+def signatures_section(sig_docs: int, repeat: int) -> dict[str, object]:
+    """1. Signatures per core, every implementation on the same documents."""
+    texts = signature_bench.corpus(sig_docs)  # the same documents for every path (see minhash.py)
     paths = {"datasketch_update": signature_bench.datasketch_update, "datasketch_bulk": signature_bench.datasketch_bulk,
              "ours": signature_bench.ours("xxh32-words")}
     try:
@@ -200,60 +202,85 @@ def main() -> None:
         paths["rensa"] = signature_bench.rensa
     except ImportError:
         print("rensa not installed: skipped", flush=True)
-    rates = signature_bench.rounds(paths, texts, args.repeat)
-    metrics: dict[str, object] = {"signature_docs": len(texts), "repeat": args.repeat,
+    rates = signature_bench.rounds(paths, texts, repeat)
+    metrics: dict[str, object] = {"signature_docs": len(texts),
                                   "signatures_docs_per_s": {name: spread(values) for name, values in rates.items()}}
     for name in ("datasketch_update", "datasketch_bulk", "rensa"):
         if name in rates:
             metrics[f"signatures_ours_vs_{name}"] = round(
                 statistics.median(rates["ours"]) / statistics.median(rates[name]), 2)
+    return metrics
 
+
+def scaling_section(root: Path, rows: list[dict], planted: dict[tuple[str, str], float], sources: list[Path],
+                    repeat: int) -> dict[str, object]:
+    """2 and 3. Quality, and docs/s on 1 and 2 CPUs for both component modes (same output asserted)."""
+    half_sources = write_shards(root / "half", rows[: len(rows) // 2])
+    scaling: dict[str, object] = {}
+    modes: dict[str, dict[str, object]] = {"auto": {}, "partitioned": {"components": "partitioned", "partitions": 4}}
+    rates: dict[str, list[float]] = {}
+    outputs = []
+    for cpus in (1, 2):
+        restart_ray(cpus, root)
+        for mode, components in modes.items():
+            dedup_once(sources, root / "warm", default_partitions=cpus, **components)  # warm-up: workers, imports
+            for _ in range(repeat):
+                seconds, stats, removed = dedup_once(sources, root / "run", default_partitions=cpus, **components)
+                rates.setdefault(f"{mode}_{cpus}_cpu", []).append(len(rows) / seconds)
+                outputs.append(sorted((r["doc_id"], r["representative_id"]) for r in removed))
+            print(f"dedup {mode} on {cpus} CPU: {spread(rates[f'{mode}_{cpus}_cpu'])} docs/s", flush=True)
+    assert all(output == outputs[0] for output in outputs), "every mode and CPU count removes the same"
+    scaling["docs_per_s"] = {name: spread(values) for name, values in rates.items()}
+    for mode in modes:
+        scaling[f"speedup_2_vs_1_cpu_{mode}"] = round(
+            statistics.median(rates[f"{mode}_2_cpu"]) / statistics.median(rates[f"{mode}_1_cpu"]), 2)
+    print(f"scaling {scaling}", flush=True)
+    _, half_stats, _ = dedup_once(half_sources, root / "half-run", default_partitions=2)
+    scaling["partition_bytes_half_corpus"] = half_stats["peak_partition_bytes"]
+    scaling["partition_bytes_full_corpus"] = stats["peak_partition_bytes"]
+    return {"quality": quality(removed, planted), "scaling": scaling}
+
+
+def components_section(root: Path, sources: list[Path], big_docs: int) -> dict[str, dict[str, object]]:
+    """4. The components phase on the driver and partitioned 1 and 4 ways, at both corpus sizes (2 CPUs)."""
+    restart_ray(2, root)
+    profiles: dict[str, dict[str, object]] = {}
+    sizes = {"docs": sources}
+    if big_docs:
+        big_rows, _ = make_corpus(big_docs, seed=1)
+        sizes["big"] = write_shards(root / "big", big_rows)
+        del big_rows
+    for size, size_sources in sizes.items():
+        for mode, components in {"driver": {"components": "driver"},
+                                 "partitioned_1": {"components": "partitioned", "partitions": 1},
+                                 "partitioned_4": {"components": "partitioned", "partitions": 4}}.items():
+            dedup_once(size_sources, root / "profile", 2, **components)  # warm-up
+            profile = components_profile(size_sources, root / "profile", **components)
+            profiles[f"{size}_{mode}"] = profile
+            print(f"components {size} {mode}: {profile}", flush=True)
+    return profiles
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=20_000)
+    parser.add_argument("--sig-docs", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--components-only", action="store_true", help="only section 4")
+    parser.add_argument("--big-docs", type=int, default=200_000, help="the larger corpus of the components "
+                        "profile (0: skip)")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    metrics: dict[str, object] = {"docs": args.docs, "repeat": args.repeat}
+    if not args.components_only:
+        metrics.update(signatures_section(args.sig_docs, args.repeat))
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         root = Path(tmp)
         rows, planted = make_corpus(args.docs)
         sources = write_shards(root / "full", rows)
-        half_sources = write_shards(root / "half", rows[: len(rows) // 2])
-        scaling: dict[str, object] = {}
-        modes = {"auto": {}, "partitioned": {"components": "partitioned", "partitions": 4}}
-        rates: dict[str, list[float]] = {}
-        outputs = []
-        for cpus in (1, 2):
-            restart_ray(cpus, root)
-            for mode, components in modes.items():
-                dedup_once(sources, root / "warm", default_partitions=cpus, **components)  # warm-up: workers, imports
-                for _ in range(args.repeat):
-                    seconds, stats, removed = dedup_once(sources, root / "run", default_partitions=cpus, **components)
-                    rates.setdefault(f"{mode}_{cpus}_cpu", []).append(len(rows) / seconds)
-                    outputs.append(sorted((r["doc_id"], r["representative_id"]) for r in removed))
-                print(f"dedup {mode} on {cpus} CPU: {spread(rates[f'{mode}_{cpus}_cpu'])} docs/s", flush=True)
-        assert all(output == outputs[0] for output in outputs), "every mode and CPU count removes the same"
-        scaling["docs_per_s"] = {name: spread(values) for name, values in rates.items()}
-        for mode in modes:
-            scaling[f"speedup_2_vs_1_cpu_{mode}"] = round(
-                statistics.median(rates[f"{mode}_2_cpu"]) / statistics.median(rates[f"{mode}_1_cpu"]), 2)
-        metrics["quality"] = quality(removed, planted)
-        print(f"quality {metrics['quality']} scaling {scaling}", flush=True)
-        _, half_stats, _ = dedup_once(half_sources, root / "half-run", default_partitions=2)
-        scaling["partition_bytes_half_corpus"] = half_stats["peak_partition_bytes"]
-        scaling["partition_bytes_full_corpus"] = stats["peak_partition_bytes"]
-        metrics["scaling"] = scaling
-        metrics["docs"] = len(rows)
-
-        profiles: dict[str, dict[str, object]] = {}
-        sizes = {"docs": sources, "big": []}
-        if args.big_docs:
-            big_rows, _ = make_corpus(args.big_docs, seed=1)
-            sizes["big"] = write_shards(root / "big", big_rows)
-            del big_rows
-        for size, size_sources in sizes.items():
-            for mode, components in {"driver": {"components": "driver"},
-                                     "partitioned_1": {"components": "partitioned", "partitions": 1},
-                                     "partitioned_4": {"components": "partitioned", "partitions": 4}}.items():
-                if size_sources:
-                    profile = components_profile(size_sources, root / "profile", **components)
-                    profiles[f"{size}_{mode}"] = profile
-                    print(f"components {size} {mode}: {profile}", flush=True)
-        metrics["components"] = {"docs": len(rows), "big_docs": args.big_docs, **profiles}
+        if not args.components_only:
+            metrics.update(scaling_section(root, rows, planted, sources, args.repeat))
+        metrics["components"] = {"big_docs": args.big_docs, **components_section(root, sources, args.big_docs)}
         ray.shutdown()
     record("dedup", metrics)
 

@@ -277,7 +277,7 @@ def _check_model(model: Path) -> None:
 
 @app.command()
 def plan(
-    model: Annotated[str, typer.Option(help="preset: tiny, small, 125m, 350m, 760m, 1b")] = "1b",
+    model: Annotated[str, typer.Option(help="preset: tiny, small, 125m, 350m, 760m, 1b, 7b")] = "1b",
     gpus: Annotated[int, typer.Option(min=1, help="data-parallel GPUs (FSDP shards over all of them)")] = 8,
     dtype: Annotated[str, typer.Option(help="bf16 or fp32")] = "bf16",
     gpu: Annotated[str, typer.Option(help="H100, H200, A100, L40S, L4, A10G, A10, V100")] = "H100",

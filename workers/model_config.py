@@ -56,6 +56,9 @@ PRESETS: dict[str, ModelConfig] = {
                         max_seq_len=2048),
     "1b": ModelConfig(vocab_size=50_304, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
                       max_seq_len=2048, rope_theta=500_000.0, tie_embeddings=True),
+    # Llama-2-7B's shape (multi-head attention) with our 50k vocabulary: for planning
+    "7b": ModelConfig(vocab_size=50_304, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11_008,
+                      max_seq_len=4096, rope_theta=500_000.0),
 }
 
 
