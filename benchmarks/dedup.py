@@ -235,7 +235,7 @@ def scaling_section(root: Path, rows: list[dict], planted: dict[tuple[str, str],
         scaling[f"speedup_2_vs_1_cpu_{mode}"] = round(
             statistics.median(rates[f"{mode}_2_cpu"]) / statistics.median(rates[f"{mode}_1_cpu"]), 2)
     print(f"scaling {scaling}", flush=True)
-    _, half_stats, _ = dedup_once(half_sources, root / "half-run", default_partitions=2)
+    _, half_stats, _ = dedup_once(half_sources, root / "half-run", default_partitions=2, **modes["partitioned"])
     scaling["partition_bytes_half_corpus"] = half_stats["peak_partition_bytes"]
     scaling["partition_bytes_full_corpus"] = stats["peak_partition_bytes"]
     return {"quality": quality(removed, planted), "scaling": scaling}
