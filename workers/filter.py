@@ -36,8 +36,14 @@ class FilterActor:
 
 
 def run_filter(stage: StageDir, sources: list[Path], steps: list[Step], num_actors: int) -> list[dict[str, Any]]:
-    """Filter every shard on a pool of actors; per-shard stats in source order."""
-    count = max(1, min(num_actors, len(sources)))
+    """Filter every shard on a pool of actors; per-shard stats in source order.
+
+    At most as many actors as the cluster has CPUs (each takes one for its lifetime): an actor that can never be
+    placed would hold the shards the pool gives it forever."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if num_actors > cpus:
+        log.warning("filter.num_actors %d > %d CPUs in the cluster: using %d actors", num_actors, cpus, cpus)
+    count = max(1, min(num_actors, len(sources), cpus))
     actors = [FilterActor.remote(str(stage.path), steps) for _ in range(count)]  # type: ignore[attr-defined]
     pool = ActorPool(actors)
     results = list(pool.map(lambda actor, source: actor.filter.remote(str(source)), sources))
