@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.workers.drills import run_drill
 
 pytestmark = pytest.mark.integration
 
 
 def test_worker_node_removed_mid_stage(tmp_path: Path) -> None:
-    drill = Path(__file__).with_name("node_loss_drill.py")
-    done = subprocess.run([sys.executable, str(drill), str(tmp_path)], capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_drill("node_loss_drill.py", tmp_path, timeout_s=400)
     # One signature task is held in flight on a worker node, which is then removed: no kept shard exists yet
     # (those come after bucketing, verification and components), and Ray reruns exactly that task elsewhere.
     assert report["running_at_removal"], "the node died while the stage was running"

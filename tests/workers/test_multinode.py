@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.workers.drills import run_drill
 
 pytestmark = pytest.mark.integration
 
 
 def test_data_stages_run_on_both_worker_nodes(tmp_path: Path) -> None:
-    drill = Path(__file__).with_name("spread_drill.py")
-    done = subprocess.run([sys.executable, str(drill), str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_drill("spread_drill.py", tmp_path, timeout_s=600)
     workers = report["worker_nodes"]
     assert len(workers) == 2
     for stage, nodes in report["nodes"].items():

@@ -1,0 +1,19 @@
+"""Runs a drill script of this folder (a simulated multi-node cluster) in its own process; returns its report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def run_drill(script: str, folder: Path, timeout_s: int = 600) -> dict[str, Any]:
+    """`python <script> <folder>`; the drill prints one JSON line last, returned as a dict."""
+    drill = Path(__file__).with_name(script)
+    done = subprocess.run([sys.executable, str(drill), str(folder)], capture_output=True, text=True,
+                          timeout=timeout_s)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
