@@ -43,7 +43,7 @@ filter:
   train_quality:
     positives: [sample/reference.jsonl]
     output: run/models/quality.bin
-tokenize: {vocab_size: 512, seq_len: 32, holdout: 0.1}
+tokenize: {vocab_size: 512, seq_len: 32, holdout: 0.3}  # by doc-id hash: 0.1 of 22 docs can be none
 pretrain:
   model: {preset: tiny, dim: 64, n_layers: 2, ffn_dim: 160, max_seq_len: 64}
   steps: 6
@@ -119,6 +119,8 @@ def test_every_stage_through_the_console_script(tmp_path: Path) -> None:
     steps = {row["step"] for row in pq.read_table(Path(evaluate["path"]) / "results.parquet").to_pylist()}
     assert steps == {0, 3, 6} and evaluate["stats"]["errors"] == 0
     rag = _manifest(run_dir, "rag")["stats"]
-    assert (rag["documents"], rag["chunks"], rag["vectors"]) == (22, 76, 76)
+    # chunk counts follow the BPE tokenizer, which is trained without the held-out documents: those are chosen
+    # by doc-id hash, and ids include the input's path, so the chunk count is not fixed across checkouts
+    assert rag["documents"] == 22 and rag["chunks"] == rag["vectors"] >= 22
     assert list(home.iterdir()) == [], f"written to HOME: {list(home.rglob('*'))[:5]}"
     assert (tmp_path / "state" / "prefect").is_dir()
