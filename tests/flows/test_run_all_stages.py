@@ -76,10 +76,11 @@ max_examples: 8
 STAGE_COUNTS = {
     "ingest": (153, 145, {"binary_payload": 2, "empty_payload": 1, "http_not_ok": 2, "invalid_encoding": 1,
                           "malformed_json": 1, "non_html": 1}),
-    "dedup": (145, 100, {"exact_duplicate": 29, "fuzzy_duplicate": 2, "line_dedup_empty": 14}),
-    "filter": (100, 22, {"blocklist": 1, "c4": 6, "gopher_quality": 48, "gopher_repetition": 9, "language": 13,
-                         "quality": 1}),
 }
+# Filter's per-step counts are not pinned: document ids include the input's path, and line dedup keeps a repeated
+# line in the first document by id, so a line or two moves between documents with the checkout's location
+# (seen in clone runs: gopher_quality 48 or 49 of 100). Its input count and bookkeeping are.
+DEDUP = {"exact_duplicate": 29, "fuzzy_duplicate": 2}  # document dedup; line dedup's empties vary as above
 
 
 def _manifest(run_dir: Path, stage: str) -> dict:
@@ -103,13 +104,19 @@ def test_every_stage_through_the_console_script(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     for stage in ("ingest", "dedup", "filter", "tokenize", "pretrain", "evaluate", "rag"):
         assert f"{stage}: done" in done.stdout, stage
-    stats = {stage: _manifest(run_dir, stage)["stats"] for stage in STAGE_COUNTS}
+    stats = {stage: _manifest(run_dir, stage)["stats"] for stage in (*STAGE_COUNTS, "dedup", "filter")}
     for stage, (records_in, records_out, dropped) in STAGE_COUNTS.items():
         assert (stats[stage]["records_in"], stats[stage]["records_out"]) == (records_in, records_out), stage
         assert stats[stage]["dropped"] == dropped, stage
         assert records_in == records_out + sum(dropped.values()), stage
+    dedup = stats["dedup"]
+    assert dedup["records_in"] == 145 and {k: dedup["dropped"][k] for k in DEDUP} == DEDUP
+    assert dedup["records_in"] == dedup["records_out"] + sum(dedup["dropped"].values())
+    kept, filter_in = stats["filter"]["records_out"], dedup["records_out"]
+    assert stats["filter"]["records_in"] == filter_in == kept + sum(stats["filter"]["dropped"].values())
+    assert 0 < kept < filter_in and stats["filter"]["dropped"]["language"] > 0
     tokens = _manifest(run_dir, "tokenize")["stats"]
-    assert tokens["records_in"] == tokens["records_out"] == 22 and tokens["vocab_size"] == 512
+    assert tokens["records_in"] == tokens["records_out"] == kept and tokens["vocab_size"] == 512
     pretrain = _manifest(run_dir, "pretrain")
     assert pretrain["stats"]["steps"] == 6 and pretrain["stats"]["resumed_from_steps"] == []
     checkpoints = Path(pretrain["path"]) / "checkpoints"
@@ -121,6 +128,6 @@ def test_every_stage_through_the_console_script(tmp_path: Path) -> None:
     rag = _manifest(run_dir, "rag")["stats"]
     # chunk counts follow the BPE tokenizer, which is trained without the held-out documents: those are chosen
     # by doc-id hash, and ids include the input's path, so the chunk count is not fixed across checkouts
-    assert rag["documents"] == 22 and rag["chunks"] == rag["vectors"] >= 22
+    assert rag["documents"] == kept and rag["chunks"] == rag["vectors"] >= kept
     assert list(home.iterdir()) == [], f"written to HOME: {list(home.rglob('*'))[:5]}"
     assert (tmp_path / "state" / "prefect").is_dir()
