@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import ray
 import xxhash
 
+from dataprep.dedup.components import partition_of
 from dataprep.dedup.documents import (
     DUPLICATES_SCHEMA,
     METHODS,
@@ -158,7 +159,7 @@ def route_task(sig_path: str, methods: list[str], partitions: int, bucket_dir: s
             column = table["text_hash" if method == "exact" else "url_hash"].to_numpy()
             valid = column != 0
             buckets, members = column[valid].view(np.uint64), keys[valid]
-        owner = (buckets % np.uint64(partitions)).astype(np.int64)
+        owner = partition_of(buckets.view(np.int64), partitions)
         for partition in range(partitions):
             chosen = owner == partition
             if chosen.any():

@@ -80,11 +80,7 @@ def read_pairs(paths: Iterable[str]) -> np.ndarray:
 
 def _split_pairs(pairs: np.ndarray, by: np.ndarray, layout: PartLayout, *folder: object, name: str) -> int:
     """Write `pairs` into `<folder>/<q>/<name>.parquet`, q = partition of `by`; returns the pairs written."""
-    owner = partition_of(by, layout.partitions)
-    for q in range(layout.partitions):
-        chosen = pairs[owner == q]
-        if len(chosen):
-            write_pairs(layout.dir(*folder, q) / f"{name}.parquet", chosen, layout.tmp)
+    _split_table(pa.table({"a": pairs[:, 0], "b": pairs[:, 1]}), by, layout, *folder, name=name)
     return len(pairs)
 
 
