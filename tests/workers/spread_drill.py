@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -32,9 +33,16 @@ TASKS = {"ingest": "ingest_file_task", "dedup": "signature_task", "tokenize": "t
 ACTORS = {"filter": "FilterActor", "rag": "MapWorker"}
 
 
-def nodes_of_tasks(name: str) -> list[str]:
-    tasks = list_tasks(filters=[("func_or_class_name", "=", name)], limit=10_000, raise_on_missing_output=False)
-    return sorted({t.node_id for t in tasks if t.node_id and t.state == "FINISHED"})
+def nodes_of_tasks(name: str, wait_s: float = 60.0) -> list[str]:
+    """Nodes that ran `name`'s finished tasks. Task events reach the State API asynchronously (workers flush them
+    about once a second), so the last stage's may not be there yet: poll until some are, or `wait_s` passes."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        tasks = list_tasks(filters=[("func_or_class_name", "=", name)], limit=10_000, raise_on_missing_output=False)
+        nodes = sorted({t.node_id for t in tasks if t.node_id and t.state == "FINISHED"})
+        if nodes or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
 
 
 def nodes_of_actors(prefix: str) -> list[str]:
