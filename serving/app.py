@@ -17,6 +17,7 @@ disconnected or timed out) aborts its engine request, freeing the batch row.
 """
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import os
@@ -30,7 +31,6 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -42,6 +42,7 @@ from dataprep.rag.prompt import PromptBudgetError, PromptPlan, RetrievedChunk, b
 from dataprep.rag.retriever import HybridConfig
 from serving.engine import Engine
 from serving.engine import Request as EngineRequest
+from serving.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from serving.openai_api import (
     ChatCompletionRequest,
     ChatMessage,
@@ -72,6 +73,9 @@ class ServeArgs(BaseModel):
     name: str = Field("forgeline", min_length=1, description="the model id clients send")
     max_batch: int = Field(16, ge=1, description="sequences decoded together per engine replica")
     max_ongoing_requests: int = Field(64, ge=1, description="per engine replica")
+    max_pending_requests: int = Field(256, ge=1, description="generation requests one ingress replica holds at "
+                                      "once (running + queued); past it a request answers 429 with Retry-After")
+    retry_after_s: int = Field(1, ge=1, description="the Retry-After a 429 suggests")
     max_replicas: int = Field(1, ge=1, description="autoscaling 1..max_replicas on ongoing requests")
     engine_cpus: float = Field(1.0, gt=0)
     engine_gpus: float = Field(0.0, ge=0)
@@ -88,6 +92,10 @@ class ServeArgs(BaseModel):
     retriever_replicas: int = Field(1, ge=1)
     retriever_threads: int = Field(2, ge=1, description="torch threads of each retriever replica's query "
                                    "embedding (it runs while the request's engine step waits for it)")
+
+
+class QueueFull(Exception):
+    """More generation requests pending than `ServeArgs.max_pending_requests` (HTTP 429)."""
 
 
 def _settle(future: "asyncio.Future[Any]", kind: str, payload: Any) -> None:
@@ -114,7 +122,7 @@ def result_dict(engine: Engine, request: EngineRequest) -> dict[str, Any]:
     return {"output_ids": request.output_ids, "text": request.text, "finish_reason": request.finish_reason,
             "logprobs": [entry(i) for i in request.logprobs], "prompt_logprobs": prompt_entries,
             "prompt_tokens": len(request.prompt_ids), "completion_tokens": len(request.output_ids),
-            "extra": request.extra}
+            "extra": request.extra, "timing": request.timing()}
 
 
 class EngineServer:
@@ -134,7 +142,7 @@ class EngineServer:
 
     def stats(self) -> dict[str, Any]:
         """Counters since the replica started: requests, prompt/generated tokens, steps, seconds busy in steps."""
-        return {**self.engine.stats, "running": len(self.engine.running), "waiting": self.engine.waiting.qsize()}
+        return {**self.engine.stats, **self.engine.occupancy(), "max_batch": self.engine.max_batch}
 
     def _submit(self, prompt: Prompt, params: dict[str, Any], on_event: Any) -> EngineRequest:
         ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -216,11 +224,8 @@ class OpenAIIngress:
     def __init__(self, engine: Any, args: ServeArgs, retriever: Any = None) -> None:
         self.engine, self.args, self.retriever = engine, args, retriever
         self.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-        self.registry = CollectorRegistry()
-        self.requests_total = Counter("forgeline_requests_total", "HTTP requests", ["endpoint", "status"],
-                                      registry=self.registry)
-        self.tokens_total = Counter("forgeline_generated_tokens_total", "generated tokens", registry=self.registry)
-        self.latency = Histogram("forgeline_request_seconds", "request latency", ["endpoint"], registry=self.registry)
+        self.telemetry = ServerMetrics()
+        self.pending = 0  # generation requests held now (admission control: `admit`)
         self._info: dict[str, Any] = {}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -251,8 +256,8 @@ class OpenAIIngress:
                                            "authentication_error")
         else:
             response = await call_next(request)
-        self.requests_total.labels(path, str(response.status_code)).inc()
-        self.latency.labels(path).observe(time.time() - started)
+        self.telemetry.requests.labels(path, str(response.status_code)).inc()
+        self.telemetry.latency.labels(path).observe(time.time() - started)
         return response
 
     async def http_error(self, _: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -299,6 +304,10 @@ class OpenAIIngress:
             first = cause.errors()[0]
             param = ".".join(str(p) for p in first.get("loc", ())) or None
             return api_error(400, f"{param}: {first.get('msg')}", param)
+        if isinstance(error, QueueFull):
+            response = api_error(429, str(error), None, "rate_limit_error")
+            response.headers["Retry-After"] = str(self.args.retry_after_s)
+            return response
         if isinstance(error, asyncio.TimeoutError | TimeoutError):
             return api_error(408, f"request exceeded the {self.args.request_timeout_s:.0f} s timeout", None,
                              "timeout")
@@ -323,10 +332,18 @@ class OpenAIIngress:
         def payload(params: SamplingParams) -> dict[str, Any]:
             return {k: v for k, v in params.__dict__.items() if k != "extra"}
 
-        timeout = self.args.request_timeout_s
-        results = await asyncio.gather(*(asyncio.wait_for(self.engine.generate.remote(prompt, payload(params)),
-                                                          timeout=timeout) for prompt, params in jobs))
-        self.tokens_total.inc(sum(r["completion_tokens"] for r in results))
+        timeout, started = self.args.request_timeout_s, time.perf_counter()
+        try:
+            results = await asyncio.gather(*(asyncio.wait_for(self.engine.generate.remote(prompt, payload(params)),
+                                                              timeout=timeout) for prompt, params in jobs))
+        except TimeoutError:
+            self.telemetry.aborted.labels("timeout").inc(len(jobs))
+            raise
+        except asyncio.CancelledError:
+            self.telemetry.aborted.labels("client_gone").inc(len(jobs))
+            raise
+        for result in results:
+            self.telemetry.observe(result, time.perf_counter() - started)
         return list(results)
 
     async def events(self, jobs: list[Job]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
@@ -348,36 +365,76 @@ class OpenAIIngress:
                 continue
             yield index, event
 
-    async def stream(self, jobs: list[Job], form: StreamFormat) -> AsyncIterator[str]:
-        """Server-sent events for completions and chat alike: a chunk per event, usage, `[DONE]`."""
+    async def stream(self, jobs: list[Job], form: StreamFormat, echoed: list[str] | None = None
+                     ) -> AsyncIterator[str]:
+        """Server-sent events for completions and chat alike: a chunk per event, usage, `[DONE]`. With usage
+        requested every chunk carries `"usage": null` and a last chunk without choices carries the totals."""
         ident, created, name = f"{form.prefix}-{time.time_ns()}", int(time.time()), self.args.name
-        usage, started = {"prompt_tokens": 0, "completion_tokens": 0}, set()
+        usage, started, finished = {"prompt_tokens": 0, "completion_tokens": 0}, set(), 0
+        begun = time.perf_counter()
+        per_prompt = len(jobs) // len(echoed) if echoed else len(jobs)  # chat: every choice shares one prompt
+        head = {"id": ident, "object": form.object_name, "created": created, "model": name}
+        if form.usage:
+            head["usage"] = None
         try:
             async for index, event in self.events(jobs):
                 if "done" in event:
-                    usage["prompt_tokens"] += event["done"]["prompt_tokens"]
+                    finished += 1
+                    self.telemetry.observe(event["done"], time.perf_counter() - begun)
+                    usage["prompt_tokens"] += event["done"]["prompt_tokens"] if index % per_prompt == 0 else 0
                     usage["completion_tokens"] += event["done"]["completion_tokens"]
-                yield sse({"id": ident, "object": form.object_name, "created": created, "model": name,
-                           "choices": [form.chunk(index, event, index not in started)]})
+                if index not in started and echoed and echoed[index // per_prompt]:
+                    event = {**event, "delta": echoed[index // per_prompt] + event.get("delta", "")}
+                yield sse({**head, "choices": [form.chunk(index, event, index not in started)]})
                 started.add(index)
         except Exception as error:
             yield sse(error_body(str(error), getattr(error, "param", None)))
-        self.tokens_total.inc(usage["completion_tokens"])
+        finally:  # a client that left mid-stream (the generator is closed) or a failure: count what was cut off
+            self.release(len(jobs))
+            if finished < len(jobs):
+                self.telemetry.aborted.labels("stream_closed").inc(len(jobs) - finished)
         if form.usage:
-            yield sse({"id": ident, "object": form.object_name, "created": created, "model": name, "choices": [],
-                       "usage": {**usage, "total_tokens": sum(usage.values())}})
+            yield sse({**head, "choices": [], "usage": {**usage, "total_tokens": sum(usage.values())}})
         yield "data: [DONE]\n\n"
 
+    @staticmethod
+    def include_usage(options: dict[str, Any] | None) -> bool:
+        """`stream_options: {"include_usage": true}`: a last chunk with the usage (as OpenAI, off by default)."""
+        if options is not None and not isinstance(options.get("include_usage", False), bool):
+            raise RequestError("stream_options.include_usage", "must be true or false")
+        return bool((options or {}).get("include_usage"))
+
+    def admit(self, count: int) -> None:
+        """Hold `count` more generations, or raise QueueFull past `max_pending_requests` (answered 429 with
+        Retry-After: the client backs off instead of latency growing without bound)."""
+        if self.pending + count > self.args.max_pending_requests:
+            self.telemetry.rejected.labels("queue_full").inc()
+            raise QueueFull(f"server busy: {self.pending} requests pending (limit {self.args.max_pending_requests}); "
+                            f"retry after {self.args.retry_after_s} s")
+        self.pending += count
+
+    def release(self, count: int) -> None:
+        self.pending -= count
+
     async def respond(self, jobs: list[Job], form: StreamFormat, streaming: bool,
-                      render: Callable[[list[dict[str, Any]]], Awaitable[dict[str, Any]]]) -> Any:
-        """The one path of completions and chat: validate, then stream or run and render the body."""
+                      render: Callable[[list[dict[str, Any]]], Awaitable[dict[str, Any]]],
+                      echoed: list[str] | None = None, stream_options: dict[str, Any] | None = None) -> Any:
+        """The one path of completions and chat: validate, then stream or run and render the body. `echoed`: per
+        prompt, the text a streamed choice starts with (completions' `echo`)."""
         try:
             await self.validate(jobs)
-            if streaming:
-                return StreamingResponse(self.stream(jobs, form), media_type="text/event-stream")
+            form = dataclasses.replace(form, usage=self.include_usage(stream_options))
+            self.admit(len(jobs))
+        except Exception as error:
+            return self.failure(error)
+        if streaming:  # the stream releases its admission when it ends
+            return StreamingResponse(self.stream(jobs, form, echoed), media_type="text/event-stream")
+        try:
             return await render(await self.run_jobs(jobs))
         except Exception as error:
             return self.failure(error)
+        finally:
+            self.release(len(jobs))
 
     # ---- retrieval
     def no_index(self) -> JSONResponse | None:
@@ -428,9 +485,15 @@ class OpenAIIngress:
             params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                                     seed=body.seed, stop=stops(body.stop), ignore_eos=body.ignore_eos)
             await self.validate([(prompt_ids, params)])
+            self.admit(1)
+        except Exception as error:
+            return self.failure(error)
+        try:
             (result,) = await self.run_jobs([(prompt_ids, params)])
         except Exception as error:
             return self.failure(error)
+        finally:
+            self.release(1)
         choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}
         body_out = response_body("completion", self.args.name, [choice], result["prompt_tokens"],
                                  result["completion_tokens"])
@@ -463,6 +526,9 @@ class OpenAIIngress:
         ids = body.get("tokens")
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
             return api_error(400, "send {'tokens': [ids]}", "tokens")
+        vocab = (await self.info())["vocab_size"]
+        if any(not 0 <= t < vocab for t in ids):
+            return api_error(400, f"token ids must be in [0, {vocab})", "tokens")
         return {"prompt": await self.decode(ids)}
 
     async def engine_stats(self) -> dict[str, Any]:
@@ -471,33 +537,44 @@ class OpenAIIngress:
         return stats
 
     async def metrics(self) -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(self.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+        self.telemetry.sample(await self.engine.stats.remote(), self.pending)
+        return PlainTextResponse(self.telemetry.render().decode(), media_type=CONTENT_TYPE_LATEST)
 
     async def completions(self, body: CompletionRequest) -> Any:
         if (bad := self.unknown_model(body.model)) is not None:
             return bad
         if body.use_beam_search and body.best_of is not None and body.best_of < body.n:
             return api_error(400, f"best_of ({body.best_of}) must be at least n ({body.n})", "best_of")
+        if body.use_beam_search and body.stream:
+            return api_error(400, "beam search returns whole hypotheses: use stream: false", "stream")
         prompts = prompts_of(body.prompt)
         prompt_ids = [p if isinstance(p, list) else await self.encode(p) for p in prompts]
-        jobs: list[Job] = [(ids, completion_params(body, i)) for ids in prompt_ids for i in range(body.n)]
+        # beam search: one search per prompt returns its n best beams; sampling: n independent samples
+        per_prompt = 1 if body.use_beam_search else body.n
+        try:
+            jobs: list[Job] = [(ids, completion_params(body, i)) for ids in prompt_ids for i in range(per_prompt)]
+        except RequestError as error:
+            return self.failure(error)
+        echoed = [(p if isinstance(p, str) else await self.decode(p)) if body.echo else "" for p in prompts]
+        decode = (await self.info())["tokenizer"].decode
 
         async def render(results: list[dict[str, Any]]) -> dict[str, Any]:
-            choices = []
-            for index, result in enumerate(results):
-                prefix, prompt = "", prompts[index // body.n]
-                if body.echo:
-                    prefix = prompt if isinstance(prompt, str) else await self.decode(prompt)
-                choice: dict[str, Any] = {"index": index, "text": prefix + result["text"],
-                                          "finish_reason": result["finish_reason"], "logprobs": None}
-                if body.logprobs is not None:
-                    choice["logprobs"] = completion_logprobs(result)
-                choices.append(choice)
-            prompt_tokens = sum(r["prompt_tokens"] for r in results[:: body.n])
+            choices: list[dict[str, Any]] = []
+            for job, result in enumerate(results):
+                base = echoed[job // per_prompt]
+                hypotheses = result["extra"].get("beams") or [result]
+                for hypothesis in hypotheses:
+                    choice: dict[str, Any] = {"index": len(choices), "text": base + hypothesis["text"],
+                                              "finish_reason": hypothesis["finish_reason"], "logprobs": None}
+                    if body.logprobs is not None:
+                        choice["logprobs"] = completion_logprobs(result, decode, base)
+                    choices.append(choice)
+            prompt_tokens = sum(r["prompt_tokens"] for r in results[::per_prompt])
             return response_body("completion", self.args.name, choices, prompt_tokens,
-                                 sum(r["completion_tokens"] for r in results))
+                                 sum(len(h["output_ids"]) for r in results for h in r["extra"].get("beams") or [r]))
 
-        return await self.respond(jobs, COMPLETION_STREAM, body.stream, render)
+        form = StreamFormat("cmpl", "text_completion", completion_chunk, False)
+        return await self.respond(jobs, form, body.stream, render, echoed, body.stream_options)
 
     async def chat(self, body: ChatCompletionRequest) -> Any:
         if (bad := self.unknown_model(body.model)) is not None:
@@ -517,8 +594,11 @@ class OpenAIIngress:
             grounding = self.sources(plan)
         else:
             prompt_ids = await self.encode(render_chat(body.messages))
-        jobs: list[Job] = [(prompt_ids, chat_params(body, i, details["max_model_len"], len(prompt_ids)))
-                           for i in range(body.n)]
+        try:
+            jobs: list[Job] = [(prompt_ids, chat_params(body, i, details["max_model_len"], len(prompt_ids)))
+                               for i in range(body.n)]
+        except RequestError as error:
+            return self.failure(error)
 
         async def render(results: list[dict[str, Any]]) -> dict[str, Any]:
             choices = []
@@ -534,12 +614,8 @@ class OpenAIIngress:
             return {**response_body("chat", self.args.name, choices, len(prompt_ids),
                                     sum(r["completion_tokens"] for r in results)), **grounding}
 
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        form = StreamFormat("chatcmpl", "chat.completion.chunk", chat_chunk, include_usage)
-        return await self.respond(jobs, form, body.stream, render)
-
-
-COMPLETION_STREAM = StreamFormat("cmpl", "text_completion", completion_chunk, True)
+        form = StreamFormat("chatcmpl", "chat.completion.chunk", chat_chunk, False)
+        return await self.respond(jobs, form, body.stream, render, None, body.stream_options)
 
 
 def app_builder(args: ServeArgs) -> Any:
@@ -561,6 +637,8 @@ def app_builder(args: ServeArgs) -> Any:
             ray_actor_options={"num_cpus": 0},
         ).bind(str(Path(args.rag).resolve()), args.rag_embedding_model or DEFAULT_MODEL, None,  # type: ignore[attr-defined]
                args.rag_max_k, args.rag_hybrid, args.retriever_threads)
-    ingress = serve.deployment(OpenAIIngress, name="ingress", max_ongoing_requests=256,
+    # the ingress takes every request up to its own admission limit (and health/metrics beside), so past the
+    # limit a client gets 429 rather than waiting in Serve's proxy queue
+    ingress = serve.deployment(OpenAIIngress, name="ingress", max_ongoing_requests=args.max_pending_requests + 64,
                                ray_actor_options={"num_cpus": 0}, logging_config=logging)
     return ingress.bind(engine, args, retriever)  # type: ignore[attr-defined]

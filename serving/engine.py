@@ -33,7 +33,16 @@ from tokenizers import Tokenizer
 from dataprep.stage import CHECKPOINTS_DIR, HF_DIR, TOKENIZER_DIR
 from dataprep.tokenize.tokenizer import load_tokenizer
 from serving.kv_cache import BatchKVCache
-from serving.sampling import RequestError, SamplingParams, choose_token, find_stop, make_generator, safe_prefix
+from serving.sampling import (
+    RequestError,
+    SamplingParams,
+    adjusted_logits,
+    adjusts_logits,
+    choose_token,
+    find_stop,
+    make_generator,
+    safe_prefix,
+)
 from workers.decoder import Decoder
 from workers.model import KVCache, Transformer
 from workers.model_config import ModelConfig
@@ -70,7 +79,25 @@ class Request:
     aborted: bool = False  # set by `Engine.abort` from any thread; the scheduler retires it at the next step
     error: Exception | None = None
     started: float = field(default_factory=time.time)
+    # latency marks (perf_counter seconds of this process): queued at submit, admitted to the batch, first
+    # token chosen, finished; and the batch sizes of the steps it decoded in (summed) for the occupancy metric
+    queued_at: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    batch_rows_sum: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def timing(self) -> dict[str, float | None]:
+        """Seconds: queue (submit → admitted), time to first token (submit → first token), time per output token
+        after the first, end to end in the engine; and the mean batch size of its steps."""
+        end = self.finished_at or time.perf_counter()
+        first, tokens = self.first_token_at, len(self.output_ids)
+        return {"queue_s": None if self.admitted_at is None else self.admitted_at - self.queued_at,
+                "ttft_s": None if first is None else first - self.queued_at,
+                "tpot_s": (end - first) / (tokens - 1) if first is not None and tokens > 1 else None,
+                "engine_s": end - self.queued_at,
+                "mean_batch": self.batch_rows_sum / tokens if tokens else None}
 
     def emit(self, kind: str, payload: Any) -> None:
         if self.on_event is not None:
@@ -189,6 +216,8 @@ class Engine:
         params.validate(len(prompt_ids), self.config.max_seq_len)
         if any(not 0 <= t < self.config.vocab_size for t in prompt_ids):
             raise RequestError("prompt", f"token ids must be in [0, {self.config.vocab_size})")
+        if any(not 0 <= t < self.config.vocab_size for t, _ in params.logit_bias):
+            raise RequestError("logit_bias", f"token ids must be in [0, {self.config.vocab_size})")
         request = Request(list(prompt_ids), params, on_event,
                           generator=make_generator(params.seed, torch.device("cpu")))
         self.waiting.put(request)
@@ -196,6 +225,14 @@ class Engine:
         self.stats["prompt_tokens"] += len(prompt_ids)
         self.wakeup.set()
         return request
+
+    def occupancy(self) -> dict[str, Any]:
+        """Now: running and waiting sequences, batch occupancy (running / max_batch) and KV cache usage (positions
+        held / positions reserved)."""
+        held = int(self.cache.lengths.sum()) if self.cache.rows else 0
+        return {"running": len(self.running), "waiting": self.waiting.qsize(),
+                "batch_occupancy": len(self.running) / self.max_batch,
+                "kv_usage": held / (self.max_batch * self.cache.capacity)}
 
     def abort(self, request: Request) -> None:
         """Stop a request whose caller went away (client disconnect, timeout): it leaves the batch at the next
@@ -274,6 +311,7 @@ class Engine:
 
     @torch.no_grad()
     def _forward(self, *admitted: Request) -> None:
+        started = time.perf_counter()
         last = [r.output_ids[-1] for r in self.running]
         logits, prompt_logits, prompt_caches = self.decoder.mixed_step(
             last, self.cache, [r.prompt_ids for r in admitted], [r.params.echo for r in admitted])
@@ -282,6 +320,7 @@ class Engine:
             for row, request in enumerate(self.running):
                 self._accept(request, logits[row], greedy[row])
         for request, own_logits, own_cache in zip(admitted, prompt_logits, prompt_caches, strict=True):
+            request.admitted_at = started
             prompt = request.prompt_ids
             self.cache.add_rows(own_cache, [len(prompt)])
             self.running.append(request)
@@ -303,6 +342,8 @@ class Engine:
         """Choose the next token of a running request from its logits row (`greedy`: its argmax, computed for
         the whole batch at once), then check its stop conditions."""
         params = request.params
+        if adjusts_logits(params):
+            logits, greedy = adjusted_logits(logits, params, request.output_ids), None
         if params.temperature == 0 and greedy is not None:
             token = greedy
         else:
@@ -314,6 +355,9 @@ class Engine:
             request.finish_reason = "stop"
             return
         request.output_ids.append(token)
+        request.batch_rows_sum += len(self.running)
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
         self.stats["generated_tokens"] += 1
         text = self._detokenize(request)
         cut = find_stop(text, params.stop)
@@ -350,6 +394,7 @@ class Engine:
         self.running = [self.running[i] for i in self.cache.keep_rows(keep)]
 
     def _finish(self, request: Request) -> None:
+        request.finished_at = time.perf_counter()
         if request.finish_reason == "abort":
             self.stats["aborted"] += 1
         if len(request.text) > len(request.streamed):
@@ -363,6 +408,7 @@ class Engine:
     def _beam_search(self, request: Request) -> None:
         """Length-normalised beam search (score = sum logprob / length**length_penalty)."""
         params, width = request.params, request.params.beam_width
+        request.admitted_at = time.perf_counter()
         prompt = request.prompt_ids
         cache = KVCache(self.config, 1, len(prompt) + params.max_tokens, self.device, self.dtype)
         logits = self.decoder(torch.tensor([prompt], device=self.device), cache)[:, -1]
@@ -400,15 +446,18 @@ class Engine:
             if cache.keys[0].shape[0] != len(rows) or rows != list(range(len(rows))):
                 cache.reorder(torch.tensor(rows, device=self.device))
             logits = self.decoder(torch.tensor([[t[-1]] for t, _ in beams], device=self.device), cache)[:, -1]
-        pool = finished + beams
-        best_tokens, best_total = max(pool, key=lambda b: normalised(*b))
-        request.output_ids = best_tokens
-        text = self.decode(best_tokens)
-        cut = find_stop(text, params.stop)
-        request.text = text if cut is None else text[:cut]
-        stopped = cut is not None or (best_tokens, best_total) in finished
-        request.finish_reason = "stop" if stopped else "length"
-        request.extra["beam_score"] = normalised(best_tokens, best_total)
-        self.stats["generated_tokens"] += len(best_tokens)
+        ranked = sorted(finished + beams, key=lambda b: -normalised(*b))
+        hypotheses: list[dict[str, Any]] = []
+        for tokens, total in ranked[:params.n_best]:
+            text = self.decode(tokens)
+            cut = find_stop(text, params.stop)
+            stopped = cut is not None or (tokens, total) in finished
+            hypotheses.append({"output_ids": tokens, "text": text if cut is None else text[:cut],
+                               "finish_reason": "stop" if stopped else "length", "score": normalised(tokens, total)})
+        best = hypotheses[0]
+        request.output_ids, request.text = best["output_ids"], best["text"]
+        request.finish_reason = best["finish_reason"]
+        request.extra["beam_score"] = best["score"]
+        request.extra["beams"] = hypotheses
+        self.stats["generated_tokens"] += len(request.output_ids)
         self._finish(request)
-

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.sampling import SamplingParams
+from serving.sampling import RequestError, SamplingParams
 
 CHAT_STOP = "\n<|"
 
@@ -35,6 +36,9 @@ class CompletionRequest(OpenAIModel):
     seed: int | None = None
     logprobs: int | None = None
     echo: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
@@ -63,6 +67,9 @@ class ChatCompletionRequest(OpenAIModel):
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = Field(None, description="{'include_usage': true}: a usage chunk")
     retrieval: dict[str, Any] | None = Field(None, description="{'k': 5, 'mode': 'hybrid'}: answer the last user "
@@ -74,6 +81,32 @@ def error_body(message: str, param: str | None = None, kind: str = "invalid_requ
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call")
+
+
+def reject_unsupported(request: OpenAIModel) -> None:
+    """OpenAI fields this server cannot honour answer 400 naming them, rather than being silently ignored."""
+    for name in UNSUPPORTED:
+        if (request.model_extra or {}).get(name):
+            raise RequestError(name, f"{name} is not supported by this server")
+
+
+def logit_bias(value: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias` ({"token id": bias}) as (id, bias) pairs."""
+    pairs = []
+    for key, bias in (value or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise RequestError("logit_bias", f"keys are token ids, got {key!r}")
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
+
+
+def penalties(request: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
+    reject_unsupported(request)
+    return {"presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,
+            "logit_bias": logit_bias(request.logit_bias)}
+
+
 def stops(value: str | list[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -82,21 +115,28 @@ def stops(value: str | list[str] | None) -> tuple[str, ...]:
 
 def completion_params(request: CompletionRequest, index: int) -> SamplingParams:
     """Sampling parameters of choice `index` (seeds differ per choice so n > 1 gives different samples)."""
-    beam = request.best_of if request.use_beam_search and request.best_of else (4 if request.use_beam_search else 1)
+    beam = request.best_of if request.use_beam_search and request.best_of else (
+        max(4, request.n) if request.use_beam_search else 1)
     return SamplingParams(
         max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
         seed=None if request.seed is None else request.seed + index, stop=stops(request.stop),
         stop_token_ids=tuple(request.stop_token_ids or ()), logprobs=request.logprobs, echo=request.echo,
-        beam_width=beam, length_penalty=request.length_penalty, early_stopping=request.early_stopping,
-        ignore_eos=request.ignore_eos)
+        beam_width=beam, n_best=request.n if request.use_beam_search else 1, length_penalty=request.length_penalty,
+        early_stopping=request.early_stopping,
+        ignore_eos=request.ignore_eos, **penalties(request))
 
 
 def chat_params(request: ChatCompletionRequest, index: int, context: int, prompt_tokens: int) -> SamplingParams:
+    if request.top_logprobs is not None:
+        if not request.logprobs:
+            raise RequestError("top_logprobs", "top_logprobs needs logprobs: true")
+        if not 0 <= request.top_logprobs <= 20:
+            raise RequestError("top_logprobs", f"top_logprobs must be in [0, 20], got {request.top_logprobs}")
     limit = request.max_completion_tokens or request.max_tokens or max(1, min(256, context - prompt_tokens))
     return SamplingParams(
         max_tokens=limit, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
         seed=None if request.seed is None else request.seed + index, stop=(*stops(request.stop), CHAT_STOP),
-        logprobs=(request.top_logprobs or 0) if request.logprobs else None)
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None, **penalties(request))
 
 
 def render_chat(messages: list[ChatMessage]) -> str:
@@ -112,17 +152,21 @@ def prompts_of(prompt: str | list[str] | list[int] | list[list[int]]) -> list[st
     return list(prompt)  # type: ignore[arg-type]
 
 
-def completion_logprobs(result: dict[str, Any], text_offset: int = 0) -> dict[str, Any]:
-    """OpenAI legacy `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
-    entries = [*result.get("prompt_logprobs", []), *result.get("logprobs", [])]
+def completion_logprobs(result: dict[str, Any], decode: Callable[[list[int]], str], base: str = "") -> dict[str, Any]:
+    """OpenAI legacy `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset.
+
+    `text_offset[i]` is where token i's text starts in the returned text (`base`, the echoed prompt or nothing,
+    then the completion), counted on the decoded text: a token holding only part of a UTF-8 character (shown as
+    `bytes:\\xNN`) adds no characters until the token that completes the character."""
+    prompt_entries, output_entries = result.get("prompt_logprobs", []), result.get("logprobs", [])
     tokens, values, tops, offsets = [], [], [], []
-    offset = text_offset
-    for entry in entries:
-        tokens.append(entry["token"])
-        values.append(entry["logprob"])
-        tops.append({t: lp for _, t, lp in entry["top"]} if entry.get("top") is not None else None)
-        offsets.append(offset)
-        offset += len(entry["token"])
+    for part, start in ((prompt_entries, 0), (output_entries, len(base))):
+        ids = [entry["token_id"] for entry in part]
+        for index, entry in enumerate(part):
+            tokens.append(entry["token"])
+            values.append(entry["logprob"])
+            tops.append({t: lp for _, t, lp in entry["top"]} if entry.get("top") is not None else None)
+            offsets.append(start + len(decode(ids[:index]).rstrip("\ufffd")))
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 

@@ -27,9 +27,13 @@ class SamplingParams:
     logprobs: int | None = None
     echo: bool = False
     beam_width: int = 1
+    n_best: int = 1  # beam search: how many of the best hypotheses to return (OpenAI `n`)
     length_penalty: float = 1.0
     early_stopping: bool = True
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     extra: dict[str, object] = field(default_factory=dict)
 
     def validate(self, prompt_tokens: int, context: int) -> None:
@@ -45,11 +49,35 @@ class SamplingParams:
             raise RequestError("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.beam_width < 1:
             raise RequestError("beam_width", f"beam_width must be at least 1, got {self.beam_width}")
+        if not 1 <= self.n_best <= self.beam_width:
+            raise RequestError("n", f"n ({self.n_best}) must be in [1, beam width {self.beam_width}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise RequestError(name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise RequestError("logit_bias", "biases must be in [-100, 100]")
         if prompt_tokens == 0:
             raise RequestError("prompt", "the prompt is empty")
         if prompt_tokens + self.max_tokens > context:
             raise RequestError("max_tokens", f"prompt ({prompt_tokens} tokens) + max_tokens ({self.max_tokens}) "
                                              f"exceeds the context window of {context} tokens")
+
+
+def adjusts_logits(params: SamplingParams) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty or params.logit_bias)
+
+
+def adjusted_logits(logits: torch.Tensor, params: SamplingParams, output_ids: list[int]) -> torch.Tensor:
+    """A (vocab,) logits row with OpenAI's logit_bias added and presence/frequency penalties applied to the tokens
+    generated so far (the prompt's are not penalised, as OpenAI and vLLM)."""
+    adjusted = logits.float().clone()
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias, strict=True)
+        adjusted[list(ids)] += torch.tensor(biases)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output_ids), minlength=adjusted.shape[-1])[:adjusted.shape[-1]].float()
+        adjusted -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return adjusted
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

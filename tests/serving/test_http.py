@@ -112,7 +112,8 @@ def test_echo_logprobs_and_n(client: httpx.Client) -> None:
 
 def test_streaming_completion_and_chat_end_with_done(client: httpx.Client) -> None:
     with client.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 8,
-                                                          "temperature": 0, "stream": True, "ignore_eos": True}) as s:
+                                                          "temperature": 0, "stream": True, "ignore_eos": True,
+                                                          "stream_options": {"include_usage": True}}) as s:
         lines = [line for line in s.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
