@@ -43,6 +43,7 @@ from serving.sampling import (
     make_generator,
     safe_prefix,
 )
+from serving.structured import Constrained, StructuredVocabulary
 from workers.decoder import Decoder
 from workers.model import KVCache, Transformer
 from workers.model_config import ModelConfig
@@ -86,6 +87,7 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     batch_rows_sum: int = 0
+    guide: Constrained | None = None  # structured output: its position in the format's automaton
     extra: dict[str, Any] = field(default_factory=dict)
 
     def timing(self) -> dict[str, float | None]:
@@ -167,7 +169,8 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.beam_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgeline-beam")
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "busy_s": 0.0,
-                      "aborted": 0}
+                      "aborted": 0, "masked_tokens": 0, "mask_s": 0.0}
+        self._structured: StructuredVocabulary | None = None
 
     @classmethod
     def load(cls, path: Path, name: str = "forgeline", max_batch: int = 16, dtype: str = "float32") -> Engine:
@@ -220,11 +223,21 @@ class Engine:
             raise RequestError("logit_bias", f"token ids must be in [0, {self.config.vocab_size})")
         request = Request(list(prompt_ids), params, on_event,
                           generator=make_generator(params.seed, torch.device("cpu")))
+        if params.regex is not None:
+            request.guide = self.structured().constrain(params.regex, params.max_tokens)
         self.waiting.put(request)
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(prompt_ids)
         self.wakeup.set()
         return request
+
+    def structured(self) -> StructuredVocabulary:
+        """The vocabulary for constrained decoding, built on first use (special tokens left out)."""
+        if self._structured is None:
+            special = set(self.tokenizer.get_added_tokens_decoder())
+            self._structured = StructuredVocabulary(self.tokenizer.get_vocab_size(), self.eot_id, self.token_bytes,
+                                                    special)
+        return self._structured
 
     def occupancy(self) -> dict[str, Any]:
         """Now: running and waiting sequences, batch occupancy (running / max_batch) and KV cache usage (positions
@@ -341,16 +354,24 @@ class Engine:
     def _accept(self, request: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
         """Choose the next token of a running request from its logits row (`greedy`: its argmax, computed for
         the whole batch at once), then check its stop conditions."""
-        params = request.params
+        params, guide = request.params, request.guide
         if adjusts_logits(params):
             logits, greedy = adjusted_logits(logits, params, request.output_ids), None
+        masking = time.perf_counter()
+        if guide is not None:
+            logits, greedy = guide.mask(logits, params.max_tokens - len(request.output_ids)), None
         if params.temperature == 0 and greedy is not None:
             token = greedy
         else:
             token = choose_token(logits, params, request.generator)  # type: ignore[arg-type]
+        if guide is not None and token != self.eot_id:
+            guide.advance(token)
+            self.stats["masked_tokens"] += 1
+            self.stats["mask_s"] += time.perf_counter() - masking
         if params.logprobs is not None:
             request.logprobs.append(self._logprob(logits, token, params.logprobs))
-        stop_token = (token == self.eot_id and not params.ignore_eos) or token in params.stop_token_ids
+        ends_text = token == self.eot_id and (not params.ignore_eos or guide is not None)
+        stop_token = ends_text or token in params.stop_token_ids
         if stop_token:
             request.finish_reason = "stop"
             return
@@ -365,6 +386,9 @@ class Engine:
             request.text, request.finish_reason = text[:cut], "stop"
             return
         request.text = text
+        if guide is not None and guide.complete():
+            request.finish_reason = "stop"
+            return
         if len(request.output_ids) >= params.max_tokens:
             request.finish_reason = "length"
             return

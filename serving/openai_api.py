@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.sampling import RequestError, SamplingParams
+from serving.structured import regex_for
 
 CHAT_STOP = "\n<|"
 
@@ -39,6 +40,8 @@ class CompletionRequest(OpenAIModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = Field(None, description="{'type': 'json_object'} or {'type': "
+                                                   "'json_schema', 'json_schema': {'name', 'schema'}}")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
@@ -70,6 +73,8 @@ class ChatCompletionRequest(OpenAIModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = Field(None, description="{'type': 'json_object'} or {'type': "
+                                                   "'json_schema', 'json_schema': {'name', 'schema'}}")
     stream: bool = False
     stream_options: dict[str, Any] | None = Field(None, description="{'include_usage': true}: a usage chunk")
     retrieval: dict[str, Any] | None = Field(None, description="{'k': 5, 'mode': 'hybrid'}: answer the last user "
@@ -104,7 +109,7 @@ def logit_bias(value: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
 def penalties(request: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
     reject_unsupported(request)
     return {"presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,
-            "logit_bias": logit_bias(request.logit_bias)}
+            "logit_bias": logit_bias(request.logit_bias), "regex": regex_for(request.response_format)}
 
 
 def stops(value: str | list[str] | None) -> tuple[str, ...]:

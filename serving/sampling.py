@@ -34,6 +34,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: subtracted once from the logit of every token already generated
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    regex: str | None = None  # structured output: the output must match (serving.structured)
     extra: dict[str, object] = field(default_factory=dict)
 
     def validate(self, prompt_tokens: int, context: int) -> None:
@@ -56,6 +57,8 @@ class SamplingParams:
                 raise RequestError(name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
             raise RequestError("logit_bias", "biases must be in [-100, 100]")
+        if self.regex is not None and self.beam_width > 1:
+            raise RequestError("response_format", "structured output does not combine with beam search")
         if prompt_tokens == 0:
             raise RequestError("prompt", "the prompt is empty")
         if prompt_tokens + self.max_tokens > context:
