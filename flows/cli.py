@@ -187,6 +187,11 @@ def serve(
     engine_cpus: Annotated[float, typer.Option(help="CPUs per engine replica")] = 1.0,
     max_batch: Annotated[int, typer.Option(min=1, help="sequences decoded together per engine replica")] = 16,
     replicas: Annotated[int, typer.Option(min=1, help="autoscale the engine up to this many replicas")] = 1,
+    engine_threads: Annotated[int | None, typer.Option(min=1, help="torch threads per engine replica "
+                                                       "(default: its CPUs)")] = None,
+    prefix_cache_mb: Annotated[float, typer.Option(min=0, help="KV memory for shared prompt prefixes "
+                                                   "(0: no prefix caching)")] = 256.0,
+    max_pending: Annotated[int, typer.Option(min=1, help="requests held before answering 429")] = 256,
     timeout: Annotated[float, typer.Option(help="seconds before a request answers 408")] = 60.0,
     rag: Annotated[bool, typer.Option("--rag", help="also serve retrieval over this run's rag index "
                                       "(/v1/retrieve, /v1/rag/completions)")] = False,
@@ -209,7 +214,9 @@ def serve(
         _run(_check_model, model)
     target = model or Path(_run(pipeline_flow, cfg, "pretrain")["pretrain"]["path"])
     args: dict[str, Any] = {"model": str(target.resolve()), "dtype": dtype, "engine_cpus": engine_cpus,
-                            "max_batch": max_batch, "max_replicas": replicas, "request_timeout_s": timeout}
+                            "max_batch": max_batch, "max_replicas": replicas, "request_timeout_s": timeout,
+                            "engine_threads": engine_threads, "prefix_cache_mb": prefix_cache_mb,
+                            "max_pending_requests": max_pending}
     if rag:
         args["rag"] = _run(pipeline_flow, cfg, "rag")["rag"]["path"]
         args["rag_embedding_model"] = cfg.rag.model_path()

@@ -55,6 +55,7 @@ from serving.openai_api import (
     render_chat,
     response_body,
     stops,
+    usage_body,
 )
 from serving.rag import RagCompletionRequest, RetrievalOptions, RetrieveRequest, RetrieverServer
 from serving.sampling import RequestError, SamplingParams
@@ -78,8 +79,12 @@ class ServeArgs(BaseModel):
     retry_after_s: int = Field(1, ge=1, description="the Retry-After a 429 suggests")
     max_replicas: int = Field(1, ge=1, description="autoscaling 1..max_replicas on ongoing requests")
     engine_cpus: float = Field(1.0, gt=0)
+    engine_threads: int | None = Field(None, ge=1, description="torch threads per engine replica (default: Ray's "
+                                       "OMP_NUM_THREADS, its whole CPUs)")
     engine_gpus: float = Field(0.0, ge=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    prefix_cache_mb: float = Field(256.0, ge=0, description="memory per engine replica for the KV of shared prompt "
+                                   "prefixes (automatic prefix caching); 0 turns it off")
     request_timeout_s: float = Field(60.0, gt=0, description="a request past this answers 408")
     access_log: bool = True
     log_level: str = "INFO"
@@ -122,14 +127,18 @@ def result_dict(engine: Engine, request: EngineRequest) -> dict[str, Any]:
     return {"output_ids": request.output_ids, "text": request.text, "finish_reason": request.finish_reason,
             "logprobs": [entry(i) for i in request.logprobs], "prompt_logprobs": prompt_entries,
             "prompt_tokens": len(request.prompt_ids), "completion_tokens": len(request.output_ids),
-            "extra": request.extra, "timing": request.timing()}
+            "extra": request.extra, "timing": request.timing(), "cached_tokens": request.cached_tokens}
 
 
 class EngineServer:
     """One engine per replica; its background thread runs the continuous-batching scheduler."""
 
-    def __init__(self, model: str, name: str = "forgeline", max_batch: int = 16, dtype: str = "float32") -> None:
-        self.engine = Engine.load(Path(model), name=name, max_batch=max_batch, dtype=dtype)
+    def __init__(self, model: str, name: str = "forgeline", max_batch: int = 16, dtype: str = "float32",
+                 prefix_cache_mb: float = 0.0, threads: int | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.engine = Engine.load(Path(model), name=name, max_batch=max_batch, dtype=dtype,
+                                  prefix_cache_mb=prefix_cache_mb)
         self.engine.start()
 
     def info(self) -> dict[str, Any]:
@@ -142,7 +151,9 @@ class EngineServer:
 
     def stats(self) -> dict[str, Any]:
         """Counters since the replica started: requests, prompt/generated tokens, steps, seconds busy in steps."""
-        return {**self.engine.stats, **self.engine.occupancy(), "max_batch": self.engine.max_batch}
+        prefix = self.engine.prefix_cache
+        return {**self.engine.stats, **self.engine.occupancy(), "max_batch": self.engine.max_batch,
+                "prefix_cache": None if prefix is None else dict(prefix.stats.__dict__)}
 
     def _submit(self, prompt: Prompt, params: dict[str, Any], on_event: Any) -> EngineRequest:
         ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -370,7 +381,7 @@ class OpenAIIngress:
         """Server-sent events for completions and chat alike: a chunk per event, usage, `[DONE]`. With usage
         requested every chunk carries `"usage": null` and a last chunk without choices carries the totals."""
         ident, created, name = f"{form.prefix}-{time.time_ns()}", int(time.time()), self.args.name
-        usage, started, finished = {"prompt_tokens": 0, "completion_tokens": 0}, set(), 0
+        usage, started, finished = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}, set(), 0
         begun = time.perf_counter()
         per_prompt = len(jobs) // len(echoed) if echoed else len(jobs)  # chat: every choice shares one prompt
         head = {"id": ident, "object": form.object_name, "created": created, "model": name}
@@ -381,7 +392,9 @@ class OpenAIIngress:
                 if "done" in event:
                     finished += 1
                     self.telemetry.observe(event["done"], time.perf_counter() - begun)
-                    usage["prompt_tokens"] += event["done"]["prompt_tokens"] if index % per_prompt == 0 else 0
+                    if index % per_prompt == 0:
+                        usage["prompt_tokens"] += event["done"]["prompt_tokens"]
+                        usage["cached_tokens"] += event["done"]["cached_tokens"]
                     usage["completion_tokens"] += event["done"]["completion_tokens"]
                 if index not in started and echoed and echoed[index // per_prompt]:
                     event = {**event, "delta": echoed[index // per_prompt] + event.get("delta", "")}
@@ -394,7 +407,8 @@ class OpenAIIngress:
             if finished < len(jobs):
                 self.telemetry.aborted.labels("stream_closed").inc(len(jobs) - finished)
         if form.usage:
-            yield sse({**head, "choices": [], "usage": {**usage, "total_tokens": sum(usage.values())}})
+            yield sse({**head, "choices": [], "usage": usage_body(usage["prompt_tokens"], usage["completion_tokens"],
+                                                                  usage["cached_tokens"])})
         yield "data: [DONE]\n\n"
 
     @staticmethod
@@ -496,7 +510,7 @@ class OpenAIIngress:
             self.release(1)
         choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}
         body_out = response_body("completion", self.args.name, [choice], result["prompt_tokens"],
-                                 result["completion_tokens"])
+                                 result["completion_tokens"], result["cached_tokens"])
         return {**body_out, **self.sources(plan)}
 
     # ---- routes
@@ -571,7 +585,8 @@ class OpenAIIngress:
                     choices.append(choice)
             prompt_tokens = sum(r["prompt_tokens"] for r in results[::per_prompt])
             return response_body("completion", self.args.name, choices, prompt_tokens,
-                                 sum(len(h["output_ids"]) for r in results for h in r["extra"].get("beams") or [r]))
+                                 sum(len(h["output_ids"]) for r in results for h in r["extra"].get("beams") or [r]),
+                                 sum(r["cached_tokens"] for r in results[::per_prompt]))
 
         form = StreamFormat("cmpl", "text_completion", completion_chunk, False)
         return await self.respond(jobs, form, body.stream, render, echoed, body.stream_options)
@@ -612,7 +627,8 @@ class OpenAIIngress:
                         for e in result["logprobs"]]}
                 choices.append(choice)
             return {**response_body("chat", self.args.name, choices, len(prompt_ids),
-                                    sum(r["completion_tokens"] for r in results)), **grounding}
+                                    sum(r["completion_tokens"] for r in results),
+                                    max(r["cached_tokens"] for r in results)), **grounding}
 
         form = StreamFormat("chatcmpl", "chat.completion.chunk", chat_chunk, False)
         return await self.respond(jobs, form, body.stream, render, None, body.stream_options)
@@ -629,7 +645,8 @@ def app_builder(args: ServeArgs) -> Any:
         EngineServer, name="engine", max_ongoing_requests=args.max_ongoing_requests, logging_config=logging,
         autoscaling_config={"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": 16},
         health_check_period_s=10, ray_actor_options={"num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
-    ).bind(str(Path(args.model).resolve()), args.name, args.max_batch, args.dtype)  # type: ignore[attr-defined]
+    ).bind(str(Path(args.model).resolve()), args.name, args.max_batch, args.dtype,  # type: ignore[attr-defined]
+           args.prefix_cache_mb, args.engine_threads)
     retriever = None
     if args.rag is not None:
         retriever = serve.deployment(

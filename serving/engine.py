@@ -33,6 +33,7 @@ from tokenizers import Tokenizer
 from dataprep.stage import CHECKPOINTS_DIR, HF_DIR, TOKENIZER_DIR
 from dataprep.tokenize.tokenizer import load_tokenizer
 from serving.kv_cache import BatchKVCache
+from serving.prefix_cache import PrefixCache
 from serving.sampling import (
     RequestError,
     SamplingParams,
@@ -87,6 +88,7 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     batch_rows_sum: int = 0
+    cached_tokens: int = 0  # prompt positions reused from the prefix cache
     guide: Constrained | None = None  # structured output: its position in the format's automaton
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -155,7 +157,7 @@ class Engine:
     """A model, its tokenizer and a continuous-batching scheduler."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, eot_id: int, name: str = "forgeline",
-                 max_batch: int = 16, device: torch.device | None = None) -> None:
+                 max_batch: int = 16, device: torch.device | None = None, prefix_cache_mb: float = 0.0) -> None:
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device).eval()
         self.decoder = Decoder(self.model)  # the one inference forward; `self.model` shares its weights
@@ -169,18 +171,21 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.beam_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgeline-beam")
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "busy_s": 0.0,
-                      "aborted": 0, "masked_tokens": 0, "mask_s": 0.0}
+                      "aborted": 0, "masked_tokens": 0, "mask_s": 0.0, "cached_tokens": 0}
+        self.prefix_cache = PrefixCache(self.config, int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self._structured: StructuredVocabulary | None = None
 
     @classmethod
-    def load(cls, path: Path, name: str = "forgeline", max_batch: int = 16, dtype: str = "float32") -> Engine:
-        """`dtype`: the weights' and KV cache's type, `float32` or `bfloat16` (norms and softmax stay fp32)."""
+    def load(cls, path: Path, name: str = "forgeline", max_batch: int = 16, dtype: str = "float32",
+             prefix_cache_mb: float = 0.0) -> Engine:
+        """`dtype`: the weights' and KV cache's type, `float32` or `bfloat16` (norms and softmax stay fp32);
+        `prefix_cache_mb`: memory for cached prompt-prefix blocks (0: no prefix caching)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         model, tokenizer_dir = load_model(Path(path))
         tokenizer, eot_id = load_tokenizer(tokenizer_dir)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model.to(DTYPES[dtype]), tokenizer, eot_id, name, max_batch, device)
+        return cls(model.to(DTYPES[dtype]), tokenizer, eot_id, name, max_batch, device, prefix_cache_mb)
 
     # ---- text helpers
     def encode(self, text: str) -> list[int]:
@@ -326,8 +331,14 @@ class Engine:
     def _forward(self, *admitted: Request) -> None:
         started = time.perf_counter()
         last = [r.output_ids[-1] for r in self.running]
+        prefilled = [self.decoder.new_cache(1, len(r.prompt_ids)) for r in admitted]
+        for request, own in zip(admitted, prefilled, strict=True):
+            if self.prefix_cache is not None and not request.params.echo:  # echo needs every prompt position's logits
+                request.cached_tokens = self.prefix_cache.lookup(request.prompt_ids, own)
+                self.stats["cached_tokens"] += request.cached_tokens
         logits, prompt_logits, prompt_caches = self.decoder.mixed_step(
-            last, self.cache, [r.prompt_ids for r in admitted], [r.params.echo for r in admitted])
+            last, self.cache, [r.prompt_ids[r.cached_tokens:] for r in admitted], [r.params.echo for r in admitted],
+            prefilled)
         if logits is not None:
             greedy = logits.argmax(dim=-1).tolist()  # one op for the batch; used by the greedy rows
             for row, request in enumerate(self.running):
@@ -336,6 +347,8 @@ class Engine:
             request.admitted_at = started
             prompt = request.prompt_ids
             self.cache.add_rows(own_cache, [len(prompt)])
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(prompt, own_cache)
             self.running.append(request)
             if request.params.echo:
                 request.prompt_logprobs = [None] + [self._logprob(own_logits[i], prompt[i + 1], request.params.logprobs)

@@ -178,11 +178,16 @@ def completion_logprobs(result: dict[str, Any], decode: Callable[[list[int]], st
 RESPONSE_KINDS = {"completion": ("cmpl", "text_completion"), "chat": ("chatcmpl", "chat.completion")}
 
 
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI `usage`; `prompt_tokens_details.cached_tokens`: prompt tokens served from the prefix cache."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
 def response_body(kind: str, model: str, choices: list[dict[str, Any]], prompt_tokens: int,
-                  completion_tokens: int) -> dict[str, Any]:
+                  completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     """A non-streaming completion (`kind` "completion") or chat completion ("chat") body with usage."""
     prefix, name = RESPONSE_KINDS[kind]
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": name, "created": int(time.time()),
-            "model": model, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "model": model, "choices": choices, "usage": usage_body(prompt_tokens, completion_tokens, cached_tokens)}

@@ -257,3 +257,20 @@ def test_lm_evaluation_harness_local_completions(server: dict[str, str], tmp_pat
                 assert harness_loglik == pytest.approx(sum(echoed[prefix:whole]), abs=1e-4)
                 checked += 1
     assert checked == 8
+
+
+def test_prefix_cache_reports_cached_tokens(client: httpx.Client) -> None:
+    """The served app caches prefixes by default (infra/serve.yaml): a repeated prompt reuses its whole blocks,
+    reported as OpenAI's usage.prompt_tokens_details.cached_tokens and in the metrics."""
+    prompt = TEXT * 2 + " unique tail for the prefix test"
+    count = client.post("/tokenize", json={"prompt": prompt}).json()["count"]
+    payload = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0}
+    first = client.post("/v1/completions", json=payload).json()
+    second = client.post("/v1/completions", json=payload).json()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == (count - 1) // 16 * 16 > 0
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    metrics = client.get("/metrics").text
+    hits = [line for line in metrics.splitlines() if line.startswith("forgeline_prefix_cache_hit_tokens_total ")]
+    assert hits and float(hits[0].split()[1]) >= (count - 1) // 16 * 16
+    assert client.get("/engine_stats").json()["prefix_cache"]["hits"] >= 1
