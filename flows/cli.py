@@ -185,7 +185,7 @@ def serve(
     once: Annotated[bool, typer.Option("--once", help="answer one example request, then stop (the demo)")] = False,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (weights and KV cache)")] = "float32",
     engine_cpus: Annotated[float, typer.Option(help="CPUs per engine replica")] = 1.0,
-    max_batch: Annotated[int, typer.Option(min=1, help="sequences decoded together per engine replica")] = 16,
+    max_batch: Annotated[int, typer.Option(min=1, help="sequences decoded together per engine replica")] = 64,
     replicas: Annotated[int, typer.Option(min=1, help="autoscale the engine up to this many replicas")] = 1,
     engine_threads: Annotated[int | None, typer.Option(min=1, help="torch threads per engine replica "
                                                        "(default: its CPUs)")] = None,

@@ -72,8 +72,10 @@ class ServeArgs(BaseModel):
 
     model: str = Field(description="a pretrain stage, an HF export or a DCP checkpoint")
     name: str = Field("forgeline", min_length=1, description="the model id clients send")
-    max_batch: int = Field(16, ge=1, description="sequences decoded together per engine replica")
-    max_ongoing_requests: int = Field(64, ge=1, description="per engine replica")
+    max_batch: int = Field(64, ge=1, description="sequences decoded together per engine replica (its KV cache "
+                           "reserves max_batch x context positions)")
+    max_ongoing_requests: int = Field(128, ge=1, description="per engine replica (at least max_batch, so the "
+                                      "batch can fill)")
     max_pending_requests: int = Field(256, ge=1, description="generation requests one ingress replica holds at "
                                       "once (running + queued); past it a request answers 429 with Retry-After")
     retry_after_s: int = Field(1, ge=1, description="the Retry-After a 429 suggests")
@@ -133,7 +135,7 @@ def result_dict(engine: Engine, request: EngineRequest) -> dict[str, Any]:
 class EngineServer:
     """One engine per replica; its background thread runs the continuous-batching scheduler."""
 
-    def __init__(self, model: str, name: str = "forgeline", max_batch: int = 16, dtype: str = "float32",
+    def __init__(self, model: str, name: str = "forgeline", max_batch: int = 64, dtype: str = "float32",
                  prefix_cache_mb: float = 0.0, threads: int | None = None) -> None:
         if threads is not None:
             torch.set_num_threads(threads)

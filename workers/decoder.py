@@ -11,8 +11,8 @@ FLOPs. `Decoder` therefore:
 - runs every call through one layer loop over a flat run of tokens (`_layers`), so the matmuls read the weights
   once per step; only attention differs between a batch of sequences (`__call__`) and a continuous-batching
   step that mixes running rows with newly admitted prompts (`mixed_step`);
-- multiplies one row by a matrix (batch-1 decode) as an elementwise product summed along rows on CPU, and runs
-  fp32 GEMMs of 4+ rows through oneDNN (`linear`, with `F.linear` as the fallback where the op is missing);
+- runs fp32 products with large weights (the lm-head, big MLPs) through oneDNN and the rest through `F.linear`
+  (`linear`; `F.linear` also where the oneDNN op is missing);
 - uses `F.rms_norm` and calls no `nn.Module`, so a step is a short list of tensor ops;
 - skips the attention mask when every row of a decode step has the same length, uses SDPA's causal kernel for
   a fresh prefill, and computes single-query attention on CPU as two batched matmuls (`attention`).
@@ -76,19 +76,18 @@ def _onednn_linear() -> Any:
 
 
 ONEDNN_LINEAR = _onednn_linear()
-ONEDNN_MIN_ROWS = 4  # below this MKL's fp32 GEMM is as fast or faster on this CPU
+ONEDNN_MIN_WEIGHT = 2**20  # weights of fewer elements are faster through F.linear (MKL) on this CPU
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, onednn: Any = ONEDNN_LINEAR) -> torch.Tensor:
-    """`x @ weight.T`. On CPU in fp32: a single row as multiply-and-sum (bandwidth-bound GEMV); 4 rows or more
-    through oneDNN when `onednn` (the private op) is available, whose fp32 GEMM ran 1.4-2.3x faster than MKL's
-    on this CPU (a one-off observation; `benchmarks/serve.py` measures the end-to-end effect); else `F.linear`."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
-        if x.numel() == weight.shape[1]:
-            return torch.linalg.vecdot(weight, x.reshape(1, -1)).view(*x.shape[:-1], weight.shape[0])
-        if onednn is not None and x.numel() >= ONEDNN_MIN_ROWS * weight.shape[1]:
-            flat = onednn(x.reshape(-1, x.shape[-1]), weight, None, "none", [], "")
-            return flat.view(*x.shape[:-1], weight.shape[0])
+    """`x @ weight.T`. On CPU in fp32, weights of 2^20 elements or more go through oneDNN when `onednn` (the
+    private op) is available: on this 2-core CPU (torch 2.13) it multiplied an 8,192 x 512 lm-head 1.3-1.9x faster
+    than `F.linear` at 1-64 rows, while `F.linear` was faster for small weights (128 x 512: 10 µs against 30 µs);
+    `benchmarks/serve.py` measures the end-to-end effect. Everything else is `F.linear`."""
+    if (onednn is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.numel() >= ONEDNN_MIN_WEIGHT):
+        flat = onednn(x.reshape(-1, x.shape[-1]), weight, None, "none", [], "")
+        return flat.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
@@ -188,6 +187,7 @@ class Decoder:
 
     @torch.no_grad()
     def mixed_step(self, last_tokens: list[int], cache: KVStore, prompts: list[list[int]], all_logits: list[bool],
+                   prefilled: list[KVCache] | None = None,
                    ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[KVCache]]:
         """One forward pass over the next token of every running row *and* the prompts of newly admitted
         requests (continuous batching with prefill folded into the decode step, as vLLM schedules it).
@@ -196,14 +196,19 @@ class Decoder:
         many requests join; attention runs per segment: the running rows against `cache` (one query each), each
         prompt causally against its own fresh `KVCache`. Returns (logits of the running rows (R, V) or None,
         per prompt its logits (all positions when `all_logits[i]`, else the last one), per prompt its cache).
+
+        `prefilled[i]` (prefix caching): a one-row cache that already holds the positions before `prompts[i]`
+        (then `prompts[i]` is only the rest of the prompt), and the cache that prompt's keys are appended to.
         """
         rows, lengths = len(last_tokens), [len(p) for p in prompts]
-        if any(length > self.config.max_seq_len for length in lengths):
+        fresh = prefilled or [self.new_cache(1, length) for length in lengths]
+        if any(own.length + length > self.config.max_seq_len for own, length in zip(fresh, lengths, strict=True)):
             raise ValueError(f"prompt exceeds max_seq_len {self.config.max_seq_len}")
         tokens = torch.tensor(last_tokens + [t for p in prompts for t in p], device=self.device)
         position_parts = [cache.positions(1, self.device).reshape(-1)] if rows else []
-        position_parts += [torch.arange(length, device=self.device) for length in lengths]
-        fresh = [self.new_cache(1, length) for length in lengths]
+        position_parts += [torch.arange(own.length, own.length + length, device=self.device)
+                           for own, length in zip(fresh, lengths, strict=True)]
+        prefix_masks = [own.attention_mask(length, self.device) for own, length in zip(fresh, lengths, strict=True)]
         mask, causal = self._mask(cache, 1, self.device) if rows else (None, False)
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -212,10 +217,11 @@ class Decoder:
                 keys, values = cache.update(index, k[:rows, :, None], v[:rows, :, None])
                 outputs.append(attention(q[:rows, :, None], keys, values, mask, causal)[:, :, 0])
             start = rows
-            for length, own in zip(lengths, fresh, strict=True):
+            for length, own, prefix_mask in zip(lengths, fresh, prefix_masks, strict=True):
                 part = slice(start, start + length)
                 keys, values = own.update(index, k[part].transpose(0, 1)[None], v[part].transpose(0, 1)[None])
-                outputs.append(attention(q[part].transpose(0, 1)[None], keys, values, None, True)[0].transpose(0, 1))
+                outputs.append(attention(q[part].transpose(0, 1)[None], keys, values, prefix_mask,
+                                         prefix_mask is None)[0].transpose(0, 1))
                 start += length
             return torch.cat(outputs).reshape(len(tokens), -1)
 

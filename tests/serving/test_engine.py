@@ -81,7 +81,7 @@ def test_fused_decoder_single_row_and_shared_weights() -> None:
     logits = fused(torch.tensor([sequence]), cache)[0]
     with torch.no_grad():
         assert torch.allclose(logits, reference(torch.tensor([sequence]))[0], atol=1e-5)  # causal prefill
-        for _ in range(20):  # batch-1 decode: the multiply-and-sum GEMV path, no mask
+        for _ in range(20):  # batch-1 decode, no mask
             sequence.append(int(logits[-1].argmax()))
             logits = fused(torch.tensor([sequence[-1:]]), cache)[0]
             assert torch.allclose(logits[-1], reference(torch.tensor([sequence]))[0, -1], atol=1e-5)
@@ -126,12 +126,13 @@ def test_keep_rows_moves_the_last_rows_into_the_holes() -> None:
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (3, 64), (4, 64), (16, 64), (2, 9, 64)])
-def test_linear_paths_equal_f_linear(shape: tuple[int, ...]) -> None:
-    """GEMV as multiply-and-sum (1 row), MKL (2-3 rows), oneDNN (4+ rows, any leading shape) and the fallback
-    without the private oneDNN op: one result."""
+@pytest.mark.parametrize("outputs", [96, 2**20 // 64])
+def test_linear_paths_equal_f_linear(shape: tuple[int, ...], outputs: int) -> None:
+    """F.linear (small weights), oneDNN (2^20 elements or more, any leading shape) and the fallback without the
+    private oneDNN op: one result."""
     assert ONEDNN_LINEAR is not None, "this CPU build of torch has the oneDNN linear op"
     generator = torch.Generator().manual_seed(1)
-    x, weight = torch.randn(*shape, generator=generator), torch.randn(96, 64, generator=generator)
+    x, weight = torch.randn(*shape, generator=generator), torch.randn(outputs, 64, generator=generator)
     expected = torch.nn.functional.linear(x, weight)
     assert torch.allclose(linear(x, weight), expected, atol=1e-5)
     assert torch.allclose(linear(x, weight, onednn=None), expected, atol=1e-5)
