@@ -37,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenizers import Tokenizer
 
@@ -83,7 +84,10 @@ class ServeArgs(BaseModel):
     max_pending_requests: int = Field(256, ge=1, description="generation requests one ingress replica holds at "
                                       "once (running + queued); past it a request answers 429 with Retry-After")
     retry_after_s: int = Field(1, ge=1, description="the Retry-After a 429 suggests")
-    max_replicas: int = Field(1, ge=1, description="autoscaling 1..max_replicas on ongoing requests")
+    max_replicas: int = Field(1, ge=1, description="autoscaling min_replicas..max_replicas on ongoing requests")
+    min_replicas: int = Field(1, ge=1, description="engine replicas kept running (2+: a replica's loss is absorbed)")
+    engine_retries: int = Field(2, ge=0, description="a generation whose engine replica died is rerun on another "
+                                "replica this many times (streams only before their first chunk)")
     engine_cpus: float = Field(1.0, gt=0)
     engine_threads: int | None = Field(None, ge=1, description="torch threads per engine replica (default: Ray's "
                                        "OMP_NUM_THREADS, its whole CPUs)")
@@ -325,6 +329,11 @@ class OpenAIIngress:
             response = api_error(429, str(error), None, "rate_limit_error")
             response.headers["Retry-After"] = str(self.args.retry_after_s)
             return response
+        if isinstance(error, RayActorError):
+            response = api_error(503, f"the engine replica serving this request was lost: {type(error).__name__}",
+                                 None, "server_error")
+            response.headers["Retry-After"] = str(self.args.retry_after_s)
+            return response
         if isinstance(error, asyncio.TimeoutError | TimeoutError):
             return api_error(408, f"request exceeded the {self.args.request_timeout_s:.0f} s timeout", None,
                              "timeout")
@@ -351,7 +360,7 @@ class OpenAIIngress:
 
         timeout, started = self.args.request_timeout_s, time.perf_counter()
         try:
-            results = await asyncio.gather(*(asyncio.wait_for(self.engine.generate.remote(prompt, payload(params)),
+            results = await asyncio.gather(*(asyncio.wait_for(self.generate_once(prompt, payload(params)),
                                                               timeout=timeout) for prompt, params in jobs))
         except TimeoutError:
             self.telemetry.aborted.labels("timeout").inc(len(jobs))
@@ -363,14 +372,40 @@ class OpenAIIngress:
             self.telemetry.observe(result, time.perf_counter() - started)
         return list(results)
 
+    async def generate_once(self, prompt: Prompt, payload: dict[str, Any]) -> dict[str, Any]:
+        """One generation on an engine replica; if that replica dies under it (node lost, process killed), the
+        generation is rerun on another replica (`engine_retries` times): nothing was returned yet, and with the
+        request's seed the rerun gives the same result."""
+        for attempt in range(self.args.engine_retries + 1):
+            try:
+                result: dict[str, Any] = await self.engine.generate.remote(prompt, payload)
+                return result
+            except RayActorError:
+                if attempt == self.args.engine_retries:
+                    raise
+                self.telemetry.retried.inc()
+        raise AssertionError("unreachable")
+
     async def events(self, jobs: list[Job]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
         """Events of every job's stream as they come, tagged with the choice index."""
         queue: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
 
         async def pump(index: int, prompt: Prompt, params: SamplingParams) -> None:
             payload = {k: v for k, v in params.__dict__.items() if k != "extra"}
-            async for event in self.engine.options(stream=True).stream.remote(prompt, payload):
-                await queue.put((index, event))
+            try:
+                for attempt in range(self.args.engine_retries + 1):
+                    sent = False
+                    try:
+                        async for event in self.engine.options(stream=True).stream.remote(prompt, payload):
+                            sent = True
+                            await queue.put((index, event))
+                        break
+                    except RayActorError:  # its replica died: rerun elsewhere if nothing reached the client yet
+                        if sent or attempt == self.args.engine_retries:
+                            raise
+                        self.telemetry.retried.inc()
+            except Exception as error:  # reaches the client as an error event now, not as a timeout later
+                await queue.put((index, {"failed": error}))
             await queue.put((index, None))
 
         tasks = [asyncio.create_task(pump(i, p, params)) for i, (p, params) in enumerate(jobs)]
@@ -380,6 +415,8 @@ class OpenAIIngress:
             if event is None:
                 open_streams -= 1
                 continue
+            if "failed" in event:
+                raise event["failed"]
             yield index, event
 
     async def stream(self, jobs: list[Job], form: StreamFormat, echoed: list[str] | None = None
@@ -649,7 +686,8 @@ def app_builder(args: ServeArgs) -> Any:
     logging = {"enable_access_log": args.access_log, "log_level": args.log_level}
     engine = serve.deployment(
         EngineServer, name="engine", max_ongoing_requests=args.max_ongoing_requests, logging_config=logging,
-        autoscaling_config={"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": 16},
+        autoscaling_config={"min_replicas": args.min_replicas, "target_ongoing_requests": 16,
+                            "max_replicas": max(args.min_replicas, args.max_replicas)},
         health_check_period_s=10, ray_actor_options={"num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
     ).bind(str(Path(args.model).resolve()), args.name, args.max_batch, args.dtype,  # type: ignore[attr-defined]
            args.prefix_cache_mb, args.engine_threads)

@@ -47,6 +47,8 @@ class ServerMetrics:
                                 registry=registry)
         self.aborted = Counter("forgeline_aborted_requests_total", "requests given up before the end", ["reason"],
                                registry=registry)
+        self.retried = Counter("forgeline_engine_retries_total", "generations rerun because their engine replica "
+                               "died", registry=registry)
         self.running = Gauge("forgeline_running_sequences", "sequences in the batch (one engine replica)",
                              registry=registry)
         self.waiting = Gauge("forgeline_waiting_sequences", "sequences queued in the engine", registry=registry)

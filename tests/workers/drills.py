@@ -10,10 +10,13 @@ from typing import Any
 
 
 def run_drill(script: str, folder: Path, timeout_s: int = 600) -> dict[str, Any]:
-    """`python <script> <folder>`; the drill prints one JSON line last, returned as a dict."""
+    """`python <script> <folder>`; the drill prints its report as one JSON line, returned as a dict."""
     drill = Path(__file__).with_name(script)
     done = subprocess.run([sys.executable, str(drill), str(folder)], capture_output=True, text=True,
                           timeout=timeout_s)
     assert done.returncode == 0, done.stderr[-3000:]
-    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    # the report is the last JSON line: Ray may log to stdout after it while shutting down
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, done.stdout[-3000:]
+    report: dict[str, Any] = json.loads(lines[-1])
     return report

@@ -1,0 +1,123 @@
+"""Drill run in its own process by test_serve_replica_loss: an engine replica's process killed under load.
+
+A `ray.cluster_utils.Cluster` whose head runs Serve's controller, proxy and ingress (0-CPU actors) and two worker
+nodes of one CPU each, so the app's two engine replicas (`min_replicas: 2`, one CPU each) land one per node.
+Clients keep sending greedy completions; one engine replica's process is killed with SIGKILL mid-load. The
+ingress reruns the generations that were on it on the other replica (`engine_retries`), Serve's controller
+replaces the dead replica. Prints one JSON line: the replicas' nodes before and after, every response's status,
+how many generations were rerun, and whether a seeded request's output after recovery equals the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["RAY_AUTH_MODE"] = "disabled"  # a test cluster of this process only, on 127.0.0.1
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep every node on loopback
+for variable in ("RAY_ADDRESS", "PREFECT_API_URL"):
+    os.environ.pop(variable, None)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import httpx  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+from ray.util.state import list_actors  # noqa: E402
+
+from dataprep.tokenize.tokenizer import save_tokenizer, train_bpe  # noqa: E402
+from workers.checkpoint import save_checkpoint  # noqa: E402
+from workers.export import export_hf  # noqa: E402
+from workers.model import Transformer  # noqa: E402
+from workers.model_config import ModelConfig  # noqa: E402
+
+CLIENTS = 4
+PAYLOAD = {"model": "tiny", "prompt": "the cat sat", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+
+
+def tiny_model(root: Path) -> Path:
+    config = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=512)
+    model = Transformer(config)
+    model.init_weights(5)
+    checkpoint = save_checkpoint(root / "ckpt", 1, model, torch.optim.AdamW(model.parameters()),
+                                 {"model": config.to_dict()}, keep_last=1)
+    save_tokenizer(train_bpe(["the cat sat on the mat. a dog ran in the park."] * 20, 300), root / "tok")
+    return export_hf(checkpoint, root / "tok", root / "hf")
+
+
+def engine_replicas() -> list[dict[str, object]]:
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)
+    return [{"id": a.actor_id, "node": a.node_id, "pid": a.pid} for a in actors
+            if re.fullmatch(r"ServeReplica:drill:engine", a.class_name)]
+
+
+def load(base: str, statuses: list[int], stop: threading.Event) -> None:
+    with httpx.Client(base_url=base, timeout=120) as http:
+        while not stop.is_set():
+            response = http.post("/v1/completions", json=PAYLOAD)
+            complete = response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 200
+            statuses.append(response.status_code if complete or response.status_code != 200 else -1)
+
+
+def main(folder: str) -> None:
+    from serving.app import app_builder
+
+    root = Path(folder)
+    hf = tiny_model(root)
+    local = {"node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, **local})
+    workers = {cluster.add_node(num_cpus=1, **local).node_id for _ in range(2)}
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    port = 18000 + os.getpid() % 1000
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    serve.run(app_builder({"model": str(hf), "name": "tiny", "engine_cpus": 1, "min_replicas": 2, "max_replicas": 2,
+                           "access_log": False}), name="drill", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    reference = httpx.post(f"{base}/v1/completions", json=PAYLOAD, timeout=120).json()["choices"][0]["text"]
+    before = engine_replicas()
+    statuses: list[int] = []
+    stop = threading.Event()
+    clients = [threading.Thread(target=load, args=(base, statuses, stop)) for _ in range(CLIENTS)]
+    for client in clients:
+        client.start()
+    while len(statuses) < 8:
+        time.sleep(0.05)
+    served_before_kill = len(statuses)
+    victim = before[0]
+    os.kill(int(victim["pid"]), signal.SIGKILL)  # every node runs on this machine: its process is local
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        after = engine_replicas()
+        if len(after) == 2 and victim["id"] not in {a["id"] for a in after}:
+            break
+        time.sleep(0.5)
+    recovered_at = len(statuses)
+    while len(statuses) < recovered_at + 8:
+        time.sleep(0.05)
+    stop.set()
+    for client in clients:
+        client.join()
+    metrics = httpx.get(f"{base}/metrics").text
+    retried = re.search(r"^forgeline_engine_retries_total ([0-9.]+)$", metrics, re.MULTILINE)
+    again = httpx.post(f"{base}/v1/completions", json=PAYLOAD, timeout=120).json()["choices"][0]["text"]
+    print(json.dumps({
+        "worker_nodes": sorted(workers), "before": before, "after": engine_replicas(), "victim": victim["id"],
+        "statuses": statuses, "served_before_kill": served_before_kill, "recovered_at": recovered_at,
+        "retried": float(retried.group(1)) if retried else 0.0, "same_output": again == reference}))
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
