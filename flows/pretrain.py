@@ -145,7 +145,8 @@ def fit(config: RunConfig, job: TrainJob, stage: StageDir) -> None:
     trainer = TorchTrainer(
         ray_train_loop, train_loop_config=job.model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
-                                     resources_per_worker={"CPU": settings.cpus_per_worker}),
+                                     resources_per_worker={"CPU": settings.cpus_per_worker},
+                                     placement_strategy=settings.placement_strategy),
         run_config=TrainRunConfig(name=stage.name, storage_path=str(stage.path / "ray-train"),
                                   failure_config=FailureConfig(max_failures=settings.max_failures)),
     )

@@ -9,8 +9,8 @@ from pydantic import Field, model_validator
 from dataprep.stage import StageConfig
 from workers.model_config import ModelChoice
 
-OPERATIONAL_FIELDS = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "checkpoint_every", "keep_last",
-                      "log_every", "checkpoint_initial")
+OPERATIONAL_FIELDS = ("num_workers", "use_gpu", "cpus_per_worker", "placement_strategy", "max_failures",
+                      "checkpoint_every", "keep_last", "log_every", "checkpoint_initial")
 
 
 class PretrainConfig(StageConfig):
@@ -36,6 +36,8 @@ class PretrainConfig(StageConfig):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU with use_gpu)")
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the training workers on nodes (SPREAD: one per node where possible)")
     max_failures: int = Field(2, ge=0, description="Ray Train restarts from the latest checkpoint")
     checkpoint_every: int = Field(50, ge=1)
     checkpoint_initial: bool = Field(True, description="also save step 0 (the initialised model) for evaluation")
