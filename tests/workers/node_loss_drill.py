@@ -16,14 +16,13 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.workers.cluster_drill import loopback_cluster  # noqa: E402  (sets Ray's environment first)
+
+# isort: split
 
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from tests.workers.test_dedup_workers import PARAMS, _corpus, _write_shards  # noqa: E402
 from workers.dedup import ATTEMPTS_DIR, HOLD_ENV, read_audit, run_dedup  # noqa: E402
@@ -45,11 +44,8 @@ def main(folder: str) -> None:
     sources = _write_shards(root / "in", docs, 6)
     held = root / "disturbed" / "work" / "sig" / sources[len(sources) // 2].name
     os.environ[HOLD_ENV] = str(held)  # the nodes started below (and so their workers) inherit it
-    local = {"node_ip_address": "127.0.0.1"}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, **local})
-    workers = [cluster.add_node(num_cpus=1, **local) for _ in range(2)]
+    cluster, workers = loopback_cluster(workers=2, cpus=1, dashboard=False)
     ray.init(address=cluster.address)
-    cluster.wait_for_nodes()
     reference = outcome(root / "clean", sources)
 
     result: dict[str, object] = {}

@@ -20,18 +20,15 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ["RAY_AUTH_MODE"] = "disabled"  # a test cluster of this process only, on 127.0.0.1
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep every node on loopback
-for variable in ("RAY_ADDRESS", "PREFECT_API_URL"):
-    os.environ.pop(variable, None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.workers.cluster_drill import loopback_cluster  # noqa: E402  (sets Ray's environment first)
+
+# isort: split
 
 import httpx  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
 from dataprep.tokenize.tokenizer import save_tokenizer, train_bpe  # noqa: E402
@@ -73,10 +70,8 @@ def main(folder: str) -> None:
 
     root = Path(folder)
     hf = tiny_model(root)
-    local = {"node_ip_address": "127.0.0.1"}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, **local})
-    workers = {cluster.add_node(num_cpus=1, **local).node_id for _ in range(2)}
-    cluster.wait_for_nodes()
+    cluster, nodes = loopback_cluster(workers=2, cpus=1)
+    workers = {node.node_id for node in nodes}
     ray.init(address=cluster.address)
     port = 18000 + os.getpid() % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")

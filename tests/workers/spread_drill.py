@@ -15,16 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ["RAY_AUTH_MODE"] = "disabled"  # a test cluster of this process only, on 127.0.0.1
-# every node on loopback: without this, Ray resolves the 127.0.0.1 address it is given to the LAN address
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-for variable in ("RAY_ADDRESS", "PREFECT_API_URL"):
-    os.environ.pop(variable, None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.workers.cluster_drill import loopback_cluster  # noqa: E402  (sets Ray's environment first)
+
+# isort: split
 
 import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.state import list_actors, list_tasks  # noqa: E402
 
 from dataprep.sample.build import build_sample  # noqa: E402
@@ -70,10 +66,8 @@ def prose_stage(directory: Path, reference: Path, copies: int = 16, shards: int 
 def main(folder: str) -> None:
     root = Path(folder)
     build_sample(root / "sample", prose_pages=60, warc_files=4)
-    local = {"node_ip_address": "127.0.0.1"}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, **local})
-    workers = {cluster.add_node(num_cpus=1, **local).node_id for _ in range(2)}
-    cluster.wait_for_nodes()
+    cluster, nodes = loopback_cluster(workers=2, cpus=1)
+    workers = {node.node_id for node in nodes}
     os.environ["FORGELINE_HOME"] = str(root / "home")
     os.environ["PREFECT_HOME"] = str(root / "home" / "prefect")
 

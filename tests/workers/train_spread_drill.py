@@ -17,14 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ["RAY_AUTH_MODE"] = "disabled"  # a test cluster of this process only, on 127.0.0.1
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep every node on loopback
-for variable in ("RAY_ADDRESS", "PREFECT_API_URL"):
-    os.environ.pop(variable, None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.workers.cluster_drill import loopback_cluster  # noqa: E402  (sets Ray's environment first)
 
-from ray.cluster_utils import Cluster  # noqa: E402
+# isort: split
+
 from ray.util.state import list_actors  # noqa: E402
 
 COMPARED = ("loss", "grad_norm", "lr", "val_loss")
@@ -37,11 +34,9 @@ def train_worker_nodes() -> list[str]:
 
 def main(folder: str) -> None:
     root = Path(folder)
-    local = {"node_ip_address": "127.0.0.1"}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, **local})
+    cluster, nodes = loopback_cluster(workers=2, cpus=2)
     # two CPUs per node: both workers would fit on one node, so landing on both is the SPREAD placement's doing
-    workers = {cluster.add_node(num_cpus=2, **local).node_id for _ in range(2)}
-    cluster.wait_for_nodes()
+    workers = {node.node_id for node in nodes}
     os.environ["FORGELINE_HOME"] = str(root / "home")
     os.environ["PREFECT_HOME"] = str(root / "home" / "prefect")
 
