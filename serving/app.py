@@ -113,6 +113,11 @@ class QueueFull(Exception):
     """More generation requests pending than `ServeArgs.max_pending_requests` (HTTP 429)."""
 
 
+def engine_payload(params: SamplingParams) -> dict[str, Any]:
+    """Sampling parameters as the plain mapping an engine replica rebuilds them from (`extra` stays here)."""
+    return {k: v for k, v in params.__dict__.items() if k != "extra"}
+
+
 def _settle(future: "asyncio.Future[Any]", kind: str, payload: Any) -> None:
     """Resolve a request's future on the event loop (once: a late event after an abort is ignored)."""
     if future.done():
@@ -355,12 +360,9 @@ class OpenAIIngress:
 
     async def run_jobs(self, jobs: list[Job]) -> list[dict[str, Any]]:
         """Every job through the engine concurrently (each bounded by the request timeout)."""
-        def payload(params: SamplingParams) -> dict[str, Any]:
-            return {k: v for k, v in params.__dict__.items() if k != "extra"}
-
         timeout, started = self.args.request_timeout_s, time.perf_counter()
         try:
-            results = await asyncio.gather(*(asyncio.wait_for(self.generate_once(prompt, payload(params)),
+            results = await asyncio.gather(*(asyncio.wait_for(self.generate_once(prompt, engine_payload(params)),
                                                               timeout=timeout) for prompt, params in jobs))
         except TimeoutError:
             self.telemetry.aborted.labels("timeout").inc(len(jobs))
@@ -381,17 +383,23 @@ class OpenAIIngress:
                 result: dict[str, Any] = await self.engine.generate.remote(prompt, payload)
                 return result
             except RayActorError:
-                if attempt == self.args.engine_retries:
+                if not self.may_rerun(attempt):
                     raise
-                self.telemetry.retried.inc()
         raise AssertionError("unreachable")
+
+    def may_rerun(self, attempt: int) -> bool:
+        """Whether a generation whose engine replica died on try `attempt` (0-based) is rerun (and counted)."""
+        if attempt >= self.args.engine_retries:
+            return False
+        self.telemetry.retried.inc()
+        return True
 
     async def events(self, jobs: list[Job]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
         """Events of every job's stream as they come, tagged with the choice index."""
         queue: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
 
         async def pump(index: int, prompt: Prompt, params: SamplingParams) -> None:
-            payload = {k: v for k, v in params.__dict__.items() if k != "extra"}
+            payload = engine_payload(params)
             try:
                 for attempt in range(self.args.engine_retries + 1):
                     sent = False
@@ -401,9 +409,8 @@ class OpenAIIngress:
                             await queue.put((index, event))
                         break
                     except RayActorError:  # its replica died: rerun elsewhere if nothing reached the client yet
-                        if sent or attempt == self.args.engine_retries:
+                        if sent or not self.may_rerun(attempt):
                             raise
-                        self.telemetry.retried.inc()
             except Exception as error:  # reaches the client as an error event now, not as a timeout later
                 await queue.put((index, {"failed": error}))
             await queue.put((index, None))

@@ -375,17 +375,19 @@ class Engine:
         params, guide = request.params, request.guide
         if adjusts_logits(params):
             logits, greedy = adjusted_logits(logits, params, request.output_ids), None
-        masking = time.perf_counter()
         if guide is not None:
+            masking = time.perf_counter()
             logits, greedy = guide.mask(logits, params.max_tokens - len(request.output_ids)), None
+            self.stats["mask_s"] += time.perf_counter() - masking
         if params.temperature == 0 and greedy is not None:
             token = greedy
         else:
             token = choose_token(logits, params, request.generator)  # type: ignore[arg-type]
         if guide is not None and token != self.eot_id:
+            advancing = time.perf_counter()
             guide.advance(token)
             self.stats["masked_tokens"] += 1
-            self.stats["mask_s"] += time.perf_counter() - masking
+            self.stats["mask_s"] += time.perf_counter() - advancing
         if params.logprobs is not None:
             request.logprobs.append(self._logprob(logits, token, params.logprobs))
         ends_text = token == self.eot_id and (not params.ignore_eos or guide is not None)
