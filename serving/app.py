@@ -417,14 +417,18 @@ class OpenAIIngress:
 
         tasks = [asyncio.create_task(pump(i, p, params)) for i, (p, params) in enumerate(jobs)]
         open_streams = len(tasks)
-        while open_streams:
-            index, event = await asyncio.wait_for(queue.get(), timeout=self.args.request_timeout_s)
-            if event is None:
-                open_streams -= 1
-                continue
-            if "failed" in event:
-                raise event["failed"]
-            yield index, event
+        try:
+            while open_streams:
+                index, event = await asyncio.wait_for(queue.get(), timeout=self.args.request_timeout_s)
+                if event is None:
+                    open_streams -= 1
+                    continue
+                if "failed" in event:
+                    raise event["failed"]
+                yield index, event
+        finally:  # the client left or a stream failed: stop the others, so their engine requests are aborted
+            for task in tasks:
+                task.cancel()
 
     async def stream(self, jobs: list[Job], form: StreamFormat, echoed: list[str] | None = None
                      ) -> AsyncIterator[str]:
