@@ -120,6 +120,7 @@ STAGE_HELP = {
     "filter": "Quality, language and toxicity filtering with a per-rule audit (runs earlier stages if needed).",
     "tokenize": "Train the BPE tokenizer and pack token windows (runs earlier stages if needed).",
     "pretrain": "Pretrain with FSDP2 on Ray Train; resumes from the latest checkpoint (runs earlier stages).",
+    "finetune": "Instruction-tune the pretrained model with LoRA (or fully) on Ray Train; writes a PEFT adapter.",
 }
 
 

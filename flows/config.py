@@ -2,6 +2,7 @@
 
 `RunConfig` composes them (`dataprep.ingest.IngestConfig`, `dataprep.dedup.DedupConfig`,
 `dataprep.filter_config.FilterConfig`, `dataprep.tokenizer.TokenizeConfig`, `workers.train_config.PretrainConfig`,
+`workers.finetune_config.FinetuneConfig`,
 and here the orchestration, Ray and evaluation sections); the object the flow validates is the object the Ray
 workers receive. Relative paths resolve against the config file's folder (a validator with the file's folder in
 the validation context), so a config runs the same from any working directory. Every error names the file and
@@ -22,6 +23,7 @@ from dataprep.ingest.documents import IngestConfig
 from dataprep.rag.config import RagConfig
 from dataprep.stage import ConfigPath, StageConfig
 from dataprep.tokenize.tokenizer import TokenizeConfig
+from workers.finetune_config import FinetuneConfig
 from workers.train_config import PretrainConfig
 
 
@@ -73,6 +75,7 @@ class RunConfig(StageConfig):
     tokenize: TokenizeConfig = TokenizeConfig()
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     rag: RagConfig = RagConfig()
 
     @field_validator("name")
@@ -92,7 +95,7 @@ class RunConfig(StageConfig):
         return self
 
 
-STAGES: tuple[str, ...] = ("ingest", "dedup", "filter", "tokenize", "pretrain", "evaluate", "rag")
+STAGES: tuple[str, ...] = ("ingest", "dedup", "filter", "tokenize", "pretrain", "evaluate", "finetune", "rag")
 
 
 def _format_errors(source: str, error: ValidationError) -> str:

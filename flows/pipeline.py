@@ -20,6 +20,7 @@ from flows.config import STAGES, RunConfig, load_config
 from flows.dedup import DEDUP, dedup_flow
 from flows.evaluate import EvaluateStage, evaluate_flow
 from flows.filter import FILTER, filter_flow
+from flows.finetune import FINETUNE, finetune_flow
 from flows.ingest import INGEST, ingest_flow
 from flows.pretrain import PRETRAIN, pretrain_flow
 from flows.rag import RAG, rag_flow
@@ -27,18 +28,20 @@ from flows.stage import NotYetKnown, StageResult, StageSpec, address, latest_com
 from flows.tokenize import TOKENIZE, tokenize_flow
 
 SPECS: dict[str, StageSpec] = {"ingest": INGEST, "dedup": DEDUP, "filter": FILTER, "tokenize": TOKENIZE,
-                               "pretrain": PRETRAIN, "evaluate": EvaluateStage(), "rag": RAG}
+                               "pretrain": PRETRAIN, "evaluate": EvaluateStage(), "finetune": FINETUNE, "rag": RAG}
 FLOWS: dict[str, Any] = {"ingest": ingest_flow, "dedup": dedup_flow, "filter": filter_flow, "tokenize": tokenize_flow,
-                         "pretrain": pretrain_flow, "evaluate": evaluate_flow, "rag": rag_flow}
+                         "pretrain": pretrain_flow, "evaluate": evaluate_flow, "finetune": finetune_flow,
+                         "rag": rag_flow}
 assert tuple(SPECS) == STAGES == tuple(FLOWS)
 
 
 def stages_until(until: str | None, config: RunConfig | None = None) -> tuple[str, ...]:
     """The stages to run, in order: `until` and the stages it depends on (every enabled stage when None).
 
-    With `until` None, `rag` runs only when `rag.enabled`; naming it runs it regardless."""
+    With `until` None, `rag` runs only when `rag.enabled` and `finetune` only when `finetune.data` is set; naming
+    one runs it regardless."""
     if until is None:
-        return tuple(name for name in STAGES if name != "rag" or config is None or config.rag.enabled)
+        return tuple(name for name in STAGES if config is None or _enabled(name, config))
     if until not in STAGES:
         raise ValueError(f"--until {until!r}: choose one of {', '.join(STAGES)}")
     needed: set[str] = set()
@@ -47,6 +50,14 @@ def stages_until(until: str | None, config: RunConfig | None = None) -> tuple[st
         needed.add(name)
         name = SPECS[name].upstream
     return tuple(name for name in STAGES if name in needed)
+
+
+def _enabled(stage: str, config: RunConfig) -> bool:
+    if stage == "rag":
+        return config.rag.enabled
+    if stage == "finetune":
+        return config.finetune.enabled
+    return True
 
 
 @flow(name="forgeline-run", log_prints=True)

@@ -135,22 +135,27 @@ def emit_checkpoint_events(stage: StageDir, seen: set[str]) -> None:
 
 def fit(config: RunConfig, job: TrainJob, stage: StageDir) -> None:
     """Ray Train's TorchTrainer over `job` (gloo on CPU, NCCL on GPU), restarting failed workers."""
+    from workers.pretrain import ray_train_loop
+
+    settings = config.pretrain
+    run_trainer(ray_train_loop, job.model_dump(mode="json"), stage, settings.num_workers, settings.use_gpu,
+                settings.cpus_per_worker, settings.placement_strategy, settings.max_failures)
+
+
+def run_trainer(loop: Any, loop_config: dict[str, Any], stage: StageDir, workers: int, use_gpu: bool, cpus: int,
+                placement: str, max_failures: int) -> None:
+    """`TorchTrainer(loop).fit()` with the run's storage under the stage and `max_failures` restarts."""
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
-    from workers.pretrain import ray_train_loop
-
-    settings = config.pretrain
-    trainer = TorchTrainer(
-        ray_train_loop, train_loop_config=job.model_dump(mode="json"),
-        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
-                                     resources_per_worker={"CPU": settings.cpus_per_worker},
-                                     placement_strategy=settings.placement_strategy),
+    TorchTrainer(
+        loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus},
+                                     placement_strategy=placement),
         run_config=TrainRunConfig(name=stage.name, storage_path=str(stage.path / "ray-train"),
-                                  failure_config=FailureConfig(max_failures=settings.max_failures)),
-    )
-    trainer.fit()
+                                  failure_config=FailureConfig(max_failures=max_failures)),
+    ).fit()
 
 
 @task(name="export-hf", cache_policy=NO_CACHE)

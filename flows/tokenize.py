@@ -39,7 +39,7 @@ class TokenizeStage(StageSpec):
     """Curated documents → a byte-level BPE tokenizer and packed train/held-out token windows."""
 
     name = "tokenize"
-    code_version = "tokenize-1"
+    code_version = "tokenize-2"  # 2: the tokenizer files carry the chat template
     upstream = "filter"
     output_names = (TOKENIZER_DIR, TOKENS_DIR)
 

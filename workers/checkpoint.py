@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from dataprep.shards import atomic_write_json
 
@@ -95,15 +95,16 @@ def _barrier() -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    train_state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the published directory."""
+                    train_state: dict[str, Any], keep_last: int, trainable_only: bool = False) -> Path:
+    """Collective: every rank calls it. Returns the published directory. `trainable_only`: leave frozen
+    parameters out (a LoRA run saves its adapters and their optimizer state, not the base model)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp, final = root / f".tmp-step-{step:08d}", step_dir(root, step)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     _barrier()
@@ -155,31 +156,43 @@ def check_compatible(checkpoint: Path, model_config: dict[str, Any]) -> dict[str
     return state
 
 
+def _options(trainable_only: bool) -> StateDictOptions:
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
 def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    restore_rng: bool = True) -> dict[str, Any]:
-    """Collective: load model (+ optimizer) shards and this rank's RNG states; returns the train state."""
+                    restore_rng: bool = True, trainable_only: bool = False) -> dict[str, Any]:
+    """Collective: load model (+ optimizer) shards and this rank's RNG states; returns the train state.
+    `trainable_only`: the checkpoint holds only the trainable parameters (the rest keep their values)."""
     state = read_state(checkpoint)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (
-        get_state_dict(model, [])[0], None)
+    options = _options(trainable_only)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options) if optimizer is not None else (
+        get_state_dict(model, [], options=options)[0], None)
     target: dict[str, Any] = {"model": model_state} if optim_state is None else {"model": model_state,
                                                                                 "optim": optim_state}
     dcp.load(target, checkpoint_id=str(checkpoint))
     if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
+        set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"],
+                       options=options)
     else:
-        set_state_dict(model, [], model_state_dict=target["model"], optim_state_dict={})
+        set_state_dict(model, [], model_state_dict=target["model"], optim_state_dict={}, options=options)
     rng_file = checkpoint / f"rng-rank{rank}.pt"
     if restore_rng and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return state
 
 
-def load_full_model(checkpoint: Path, model: ModuleT) -> ModuleT:
-    """Load a checkpoint's weights into an unsharded model in one process (no process group needed)."""
-    state = {"model": model.state_dict()}
+def load_full_model(checkpoint: Path, model: ModuleT, trainable_only: bool = False) -> ModuleT:
+    """Load a checkpoint's weights into an unsharded model in one process (no process group needed).
+    `trainable_only`: the checkpoint holds only the parameters that require grad (a LoRA run's adapters)."""
+    weights = {name: param for name, param in model.named_parameters() if param.requires_grad} \
+        if trainable_only else model.state_dict()
+    state = {"model": {name: tensor.detach().clone() for name, tensor in weights.items()}}
     with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-    model.load_state_dict(state["model"])
+    missing, unexpected = model.load_state_dict(state["model"], strict=not trainable_only)
+    if unexpected:
+        raise CheckpointMismatch(f"{checkpoint}: unexpected parameters {unexpected[:5]}")
     return model

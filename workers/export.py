@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+import xxhash
 from safetensors.torch import save_file
 
 from dataprep.shards import atomic_write_json
@@ -44,10 +46,25 @@ def export_state_dict(model: Transformer) -> dict[str, Any]:
     return state
 
 
+def weights_digest(model: Transformer) -> str:
+    """xxh64 over the exported tensors (names sorted, fp32 bytes): the identity of a base model, the same whether
+    it was read from a checkpoint or from `model.safetensors`; adapters record it and the server checks it."""
+    digest = xxhash.xxh64()
+    for name, tensor in sorted(export_state_dict(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def export_hf(checkpoint: Path, tokenizer_dir: Path, out_dir: Path) -> Path:
     """Checkpoint + tokenizer → a loadable HF model directory at `out_dir`."""
     config = ModelConfig(**read_state(checkpoint)["model"])
-    model = load_full_model(checkpoint, Transformer(config))
+    return write_hf(load_full_model(checkpoint, Transformer(config)), tokenizer_dir, out_dir)
+
+
+def write_hf(model: Transformer, tokenizer_dir: Path, out_dir: Path) -> Path:
+    """A model + tokenizer → a loadable HF model directory at `out_dir` (built aside, renamed into place)."""
+    config = model.config
     _, eot_id = load_tokenizer(tokenizer_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

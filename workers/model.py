@@ -120,6 +120,18 @@ class KVCache:
         self.values = [v.index_select(0, beam_index) for v in self.values]
 
 
+def segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed rows (B, T) of example numbers: each token's position inside its example, and the (B, 1, T, T)
+    attention mask that is causal and block-diagonal (no token sees another example)."""
+    length = segments.shape[1]
+    index = torch.arange(length, device=segments.device).expand_as(segments)
+    starts = torch.where(torch.nn.functional.pad(segments[:, 1:] != segments[:, :-1], (1, 0), value=True), index, 0)
+    positions = index - starts.cummax(dim=1).values
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    return positions, (same & causal)[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -208,21 +220,27 @@ class Transformer(nn.Module):
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVStore | None = None,
-                ) -> torch.Tensor:
-        """`cache`: a `KVCache` (or `serving.kv_cache.BatchKVCache`); the new tokens follow what it holds."""
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """`cache`: a `KVCache` (or `serving.kv_cache.BatchKVCache`); the new tokens follow what it holds.
+        `segments` (B, T), without a cache: packed examples, numbered in order along each row; a token attends only
+        within its own example and RoPE positions restart at each example's first token."""
         new = tokens.shape[1]
-        positions = cache.positions(new, tokens.device) if cache is not None \
-            else torch.arange(new, device=tokens.device)[None]
+        mask = cache.attention_mask(new, tokens.device) if cache is not None else None
+        if segments is not None:
+            positions, mask = segment_positions_and_mask(segments)
+        elif cache is not None:
+            positions = cache.positions(new, tokens.device)
+        else:
+            positions = torch.arange(new, device=tokens.device)[None]
         if int(positions.max()) + 1 > self.config.max_seq_len:
             raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
         cos, sin = rope_tables(self.config.head_dim, positions, self.config.rope_theta)
         cos, sin = cos[:, None], sin[:, None]  # (B or 1, 1, T, D): broadcast over heads
-        mask = cache.attention_mask(new, tokens.device) if cache is not None else None
         x = self.model.embed_tokens(tokens)
         for block in self.model.layers:
             if self.activation_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, None, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache, mask)
         if cache is not None:

@@ -59,7 +59,12 @@ class Context:
 
 def setup_distributed(job: TrainJob) -> Context:
     """Use the process group Ray Train or torchrun made, or a one-rank gloo group for a plain process."""
-    use_cuda = job.config.use_gpu and torch.cuda.is_available()
+    return init_distributed(job.config.use_gpu, job.config.cpus_per_worker)
+
+
+def init_distributed(use_gpu: bool, cpus_per_worker: int) -> Context:
+    """The process group (Ray Train's, torchrun's or a one-rank gloo group) and this rank's device."""
+    use_cuda = use_gpu and torch.cuda.is_available()
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             with socket.socket() as probe:
@@ -72,7 +77,7 @@ def setup_distributed(job: TrainJob) -> Context:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(job.config.cpus_per_worker)
+        torch.set_num_threads(cpus_per_worker)
     return Context(dist.get_rank(), dist.get_world_size(), device)
 
 
@@ -104,10 +109,15 @@ def build_optimizer(model: torch.nn.Module, job: TrainJob) -> tuple[torch.optim.
 
 def lr_factor(step: int, job: TrainJob) -> float:
     """Linear warm-up to `lr`, then cosine decay to `min_lr` at the last step."""
-    if step < job.config.warmup_steps:
-        return (step + 1) / job.config.warmup_steps
-    progress = min(1.0, (step - job.config.warmup_steps) / max(1, job.config.steps - job.config.warmup_steps))
-    floor = job.config.min_lr / job.config.lr
+    settings = job.config
+    return warmup_cosine(step, settings.warmup_steps, settings.steps, settings.min_lr / settings.lr)
+
+
+def warmup_cosine(step: int, warmup: int, steps: int, floor: float) -> float:
+    """The LR multiplier: linear warm-up over `warmup` steps, then cosine decay to `floor` at `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

@@ -29,6 +29,7 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from dataprep.evaluate.tasks import write_bundled_tasks
+from dataprep.finetune.sample import write_instructions
 from dataprep.sample.prose import Article, iter_articles, reference_articles, source_versions
 from dataprep.shards import atomic_write_bytes
 
@@ -293,6 +294,7 @@ def build_sample(out_dir: str | Path, prose_pages: int | None = None, warc_files
                         for a in reference_articles(set()))
     _write_if_changed(out / "reference.jsonl", reference.encode())
     write_bundled_tasks(out / "tasks", [p.truth for p in pages if p.truth and p.kind == "prose"])
+    write_instructions(out / "instructions.jsonl", [p.truth for p in pages if p.truth and p.kind == "prose"])
     summary = {
         "pages": len(pages),
         "kinds": dict(sorted(Counter(p.kind for p in pages).items())),

@@ -1,6 +1,7 @@
 """Byte-level BPE tokenizer (the `tokenizers` library): train on the curated corpus, save, load and check.
 
-The saved directory holds `tokenizer.json` plus `tokenizer_config.json` and `special_tokens_map.json`, so
+The saved directory holds `tokenizer.json` plus `tokenizer_config.json` (with the chat template of
+`dataprep.finetune.chat`) and `special_tokens_map.json`, so
 `transformers.PreTrainedTokenizerFast.from_pretrained(dir)` (and `AutoTokenizer`) load it. The end-of-text
 token separates documents in packed windows.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dataprep.finetune.chat import CHAT_TEMPLATE
 from dataprep.shards import atomic_write_bytes, atomic_write_json
 from dataprep.stage import ConfigPath, StageConfig
 
@@ -60,6 +62,7 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path, eot_token: str = EOT_T
     atomic_write_json(directory / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False, **specials,
+        "chat_template": CHAT_TEMPLATE,
     })
     return directory / TOKENIZER_FILE
 
