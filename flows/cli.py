@@ -196,12 +196,15 @@ def serve(
     timeout: Annotated[float, typer.Option(help="seconds before a request answers 408")] = 60.0,
     rag: Annotated[bool, typer.Option("--rag", help="also serve retrieval over this run's rag index "
                                       "(/v1/retrieve, /v1/rag/completions)")] = False,
+    adapter: Annotated[list[str] | None, typer.Option(help="NAME=PATH: serve a PEFT LoRA adapter as model NAME "
+                                                      "(repeatable; default: this run's finetune adapter)")] = None,
     address: AddressOpt = None,
     local: LocalOpt = False,
 ) -> None:
     """Serve the model with Ray Serve: OpenAI-compatible API on 127.0.0.1 (runs earlier stages if needed).
 
-    Set FORGELINE_API_KEY to require `Authorization: Bearer <key>` on /v1/ routes."""
+    With `finetune` configured (and no --model), this run's adapter is served beside the base model, by the name
+    `finetune.adapter_name`. Set FORGELINE_API_KEY to require `Authorization: Bearer <key>` on /v1/ routes."""
     import signal
     import time
 
@@ -213,8 +216,13 @@ def serve(
         _run(_check_port, port)
     if model is not None:
         _run(_check_model, model)
+    adapters = _run(_adapter_options, adapter or [])
+    if model is None and cfg.finetune.enabled and not adapter:
+        stages = _run(pipeline_flow, cfg, "finetune")
+        adapters = {cfg.finetune.adapter_name: str(Path(stages["finetune"]["path"]) / "adapter")}
+        model = Path(stages["pretrain"]["path"])
     target = model or Path(_run(pipeline_flow, cfg, "pretrain")["pretrain"]["path"])
-    args: dict[str, Any] = {"model": str(target.resolve()), "dtype": dtype, "engine_cpus": engine_cpus,
+    args: dict[str, Any] = {"model": str(target.resolve()), "dtype": dtype, "engine_cpus": engine_cpus, "adapters": adapters,
                             "max_batch": max_batch, "max_replicas": replicas, "request_timeout_s": timeout,
                             "engine_threads": engine_threads, "prefix_cache_mb": prefix_cache_mb,
                             "max_pending_requests": max_pending}
@@ -238,6 +246,18 @@ def serve(
         from ray import serve
 
         serve.shutdown()
+
+
+def _adapter_options(options: list[str]) -> dict[str, str]:
+    """`--adapter NAME=PATH` options → {name: path}; each PATH must be a PEFT adapter directory."""
+    adapters = {}
+    for option in options:
+        name, sep, path = option.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"--adapter {option!r}: use NAME=PATH")
+        _require_file(Path(path) / "adapter_config.json", f"--adapter {name}: a PEFT adapter directory")
+        adapters[name] = str(Path(path).resolve())
+    return adapters
 
 
 def _check_protocols(inputs: list[str]) -> None:

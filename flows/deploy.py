@@ -19,11 +19,23 @@ from flows.common import connect_ray
 from flows.config import RunConfig
 
 
-def example_curl(base: str, model: str, keyed: bool) -> tuple[str, dict[str, Any]]:
-    """A working curl for the served model (with the API key header, read from the environment, when one is set)."""
-    payload = {"model": model, "prompt": "The for statement", "max_tokens": 24, "temperature": 0}
+EXAMPLE_CHAT = [{"role": "system", "content": "Answer with one word."},
+                {"role": "user", "content": "What is the first word of this sentence? The for statement is used to "
+                                            "iterate over the elements of a sequence."}]
+
+
+def example_request(base: str, model: str, keyed: bool, adapter: str | None = None
+                    ) -> tuple[str, str, dict[str, Any]]:
+    """A working curl for the served model (with the API key header, read from the environment, when one is set):
+    a chat with the adapter when one is served, else a completion. Returns (curl, route, payload)."""
+    if adapter is not None:
+        route = "/v1/chat/completions"
+        payload: dict[str, Any] = {"model": adapter, "messages": EXAMPLE_CHAT, "max_tokens": 16, "temperature": 0}
+    else:
+        route, payload = "/v1/completions", {"model": model, "prompt": "The for statement", "max_tokens": 24,
+                                             "temperature": 0}
     key = ' -H "Authorization: Bearer $FORGELINE_API_KEY"' if keyed else ""
-    return (f"curl -s {base}/v1/completions -H 'Content-Type: application/json'{key} -d '{json.dumps(payload)}'",
+    return (f"curl -s {base}{route} -H 'Content-Type: application/json'{key} -d '{json.dumps(payload)}'", route,
             payload)
 
 
@@ -40,13 +52,14 @@ def deploy_flow(config: RunConfig, args: dict[str, Any], port: int = 8000, check
     serve.run(app_builder(settings), name="forgeline", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     key = settings.api_key or os.environ.get(API_KEY_ENV)
-    curl, payload = example_curl(base, config.name, key is not None)
-    result: dict[str, Any] = {"url": base, "curl": curl, "model": config.name}
+    adapter = next(iter(sorted(settings.adapters)), None)
+    curl, route, payload = example_request(base, config.name, key is not None, adapter)
+    result: dict[str, Any] = {"url": base, "curl": curl, "model": payload["model"], "adapters": sorted(settings.adapters)}
     if check:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        response = httpx.post(f"{base}/v1/completions", json=payload, headers=headers, timeout=120)
+        response = httpx.post(f"{base}{route}", json=payload, headers=headers, timeout=120)
         response.raise_for_status()
         result["answer"] = response.json()
-        create_markdown_artifact(key="deploy", markdown=f"# served `{config.name}`\n\n```bash\n{curl}\n```\n\n"
+        create_markdown_artifact(key="deploy", markdown=f"# served `{payload['model']}`\n\n```bash\n{curl}\n```\n\n"
                                  f"```json\n{json.dumps(result['answer'], indent=2)}\n```\n")
     return result

@@ -35,7 +35,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -102,11 +102,20 @@ class ServeArgs(BaseModel):
     rag: str | None = Field(None, description="a rag stage directory: /v1/retrieve, /v1/rag/completions and chat "
                             "`retrieval` (none: those answer 400)")
     rag_embedding_model: str | None = Field(None, description="the model the index was built with (default MiniLM)")
+    adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters (PEFT directories) served "
+                                     "beside the base model, by the model name clients send; a batch mixes them")
     rag_max_k: int = Field(20, ge=1, description="the most chunks one request may ask for")
     rag_hybrid: HybridConfig = Field(HybridConfig(), description="how `hybrid` retrieval fuses dense and BM25")
     retriever_replicas: int = Field(1, ge=1)
     retriever_threads: int = Field(2, ge=1, description="torch threads of each retriever replica's query "
                                    "embedding (it runs while the request's engine step waits for it)")
+
+
+    @model_validator(mode="after")
+    def _adapter_names(self) -> ServeArgs:
+        if self.name in self.adapters:
+            raise ValueError(f"adapters: {self.name!r} is the base model's name; give the adapter another")
+        return self
 
 
 class QueueFull(Exception):
@@ -149,11 +158,14 @@ class EngineServer:
     """One engine per replica; its background thread runs the continuous-batching scheduler."""
 
     def __init__(self, model: str, name: str = "forgeline", max_batch: int = 64, dtype: str = "float32",
-                 prefix_cache_mb: float = 0.0, threads: int | None = None) -> None:
+                 prefix_cache_mb: float = 0.0, threads: int | None = None, adapters: dict[str, str] | None = None,
+                 ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         self.engine = Engine.load(Path(model), name=name, max_batch=max_batch, dtype=dtype,
                                   prefix_cache_mb=prefix_cache_mb)
+        for adapter, directory in (adapters or {}).items():  # a mismatched adapter fails the replica's start
+            self.engine.add_adapter(adapter, Path(directory))
         self.engine.start()
 
     def info(self) -> dict[str, Any]:
@@ -162,7 +174,8 @@ class EngineServer:
                 "vocab_size": tokenizer.get_vocab_size(), "eos_token": tokenizer.id_to_token(self.engine.eot_id),
                 "eos_token_id": self.engine.eot_id, "tokenizer_class": "PreTrainedTokenizerFast",
                 "tokenizer_json": tokenizer.to_str(), "stats": dict(self.engine.stats),
-                "torch_threads": torch.get_num_threads(), "dtype": str(self.engine.dtype).removeprefix("torch.")}
+                "torch_threads": torch.get_num_threads(), "dtype": str(self.engine.dtype).removeprefix("torch."),
+                "adapters": sorted(self.engine.adapters), "chat_template": self.engine.chat_template}
 
     def stats(self) -> dict[str, Any]:
         """Counters since the replica started: requests, prompt/generated tokens, steps, seconds busy in steps."""
@@ -315,9 +328,23 @@ class OpenAIIngress:
         return text
 
     def unknown_model(self, name: str) -> JSONResponse | None:
-        if name != self.args.name:
-            return api_error(400, f"model {name!r} does not exist; this server serves {self.args.name!r}", "model")
+        """404 `model_not_found` (as OpenAI and vLLM answer) for a name that is neither the base nor an adapter."""
+        if name != self.args.name and name not in self.args.adapters:
+            served = ", ".join(repr(n) for n in [self.args.name, *sorted(self.args.adapters)])
+            response = api_error(404, f"model {name!r} does not exist; this server serves {served}", "model")
+            body = json.loads(bytes(response.body))
+            body["error"]["code"] = "model_not_found"
+            return JSONResponse(body, status_code=404)
         return None
+
+    def adapter_of(self, name: str) -> str | None:
+        """The LoRA adapter a request's `model` selects (None: the base model)."""
+        return None if name == self.args.name else name
+
+    async def chat_prompt(self, messages: list[ChatMessage]) -> str:
+        """The chat rendered with the model's stored chat template."""
+        details = await self.info()
+        return render_chat(messages, details["chat_template"], details["eos_token"])
 
     def failure(self, error: Exception) -> JSONResponse:
         """An OpenAI-style error body: 400 naming the field for a bad request (raised here or in a replica)."""
@@ -434,7 +461,7 @@ class OpenAIIngress:
                      ) -> AsyncIterator[str]:
         """Server-sent events for completions and chat alike: a chunk per event, usage, `[DONE]`. With usage
         requested every chunk carries `"usage": null` and a last chunk without choices carries the totals."""
-        ident, created, name = f"{form.prefix}-{time.time_ns()}", int(time.time()), self.args.name
+        ident, created, name = f"{form.prefix}-{time.time_ns()}", int(time.time()), jobs[0][1].adapter or self.args.name
         usage, started, finished = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}, set(), 0
         begun = time.perf_counter()
         per_prompt = len(jobs) // len(echoed) if echoed else len(jobs)  # chat: every choice shares one prompt
@@ -522,7 +549,10 @@ class OpenAIIngress:
         tokenizer = details["tokenizer"]
 
         def wrap(prompt: str) -> str:
-            return prompt if history is None else render_chat([*history, ChatMessage(role="user", content=prompt)])
+            if history is None:
+                return prompt
+            return render_chat([*history, ChatMessage(role="user", content=prompt)], details["chat_template"],
+                               details["eos_token"])
 
         def count(prompt: str) -> int:
             return len(tokenizer.encode(wrap(prompt), add_special_tokens=False).ids)
@@ -551,7 +581,8 @@ class OpenAIIngress:
             options = RetrievalOptions(k=body.k, mode=body.mode, instructions=body.instructions)
             prompt_ids, plan = await self.grounded_prompt(body.question, options, body.max_tokens)
             params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                    seed=body.seed, stop=stops(body.stop), ignore_eos=body.ignore_eos)
+                                    seed=body.seed, stop=stops(body.stop), ignore_eos=body.ignore_eos,
+                                    adapter=self.adapter_of(body.model))
             await self.validate([(prompt_ids, params)])
             self.admit(1)
         except Exception as error:
@@ -563,7 +594,7 @@ class OpenAIIngress:
         finally:
             self.release(1)
         choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}
-        body_out = response_body("completion", self.args.name, [choice], result["prompt_tokens"],
+        body_out = response_body("completion", body.model, [choice], result["prompt_tokens"],
                                  result["completion_tokens"], result["cached_tokens"])
         return {**body_out, **self.sources(plan)}
 
@@ -574,8 +605,11 @@ class OpenAIIngress:
 
     async def models(self) -> dict[str, Any]:
         details = await self.info()
-        return {"object": "list", "data": [{"id": self.args.name, "object": "model", "created": 0,
-                                             "owned_by": "forgeline", "max_model_len": details["max_model_len"]}]}
+        base = {"id": self.args.name, "object": "model", "created": 0, "owned_by": "forgeline",
+                "max_model_len": details["max_model_len"], "root": self.args.model, "parent": None}
+        adapters = [{**base, "id": name, "root": path, "parent": self.args.name}  # as vLLM lists LoRA modules
+                    for name, path in sorted(self.args.adapters.items())]
+        return {"object": "list", "data": [base, *adapters]}
 
     async def tokenizer_info(self) -> dict[str, Any]:
         details = await self.info()
@@ -620,7 +654,8 @@ class OpenAIIngress:
         # beam search: one search per prompt returns its n best beams; sampling: n independent samples
         per_prompt = 1 if body.use_beam_search else body.n
         try:
-            jobs: list[Job] = [(ids, completion_params(body, i)) for ids in prompt_ids for i in range(per_prompt)]
+            jobs: list[Job] = [(ids, completion_params(body, i, self.adapter_of(body.model))) for ids in prompt_ids
+                               for i in range(per_prompt)]
         except RequestError as error:
             return self.failure(error)
         echoed = [(p if isinstance(p, str) else await self.decode(p)) if body.echo else "" for p in prompts]
@@ -638,7 +673,7 @@ class OpenAIIngress:
                         choice["logprobs"] = completion_logprobs(result, decode, base)
                     choices.append(choice)
             prompt_tokens = sum(r["prompt_tokens"] for r in results[::per_prompt])
-            return response_body("completion", self.args.name, choices, prompt_tokens,
+            return response_body("completion", body.model, choices, prompt_tokens,
                                  sum(len(h["output_ids"]) for r in results for h in r["extra"].get("beams") or [r]),
                                  sum(r["cached_tokens"] for r in results[::per_prompt]))
 
@@ -662,10 +697,10 @@ class OpenAIIngress:
                 return self.failure(error)
             grounding = self.sources(plan)
         else:
-            prompt_ids = await self.encode(render_chat(body.messages))
+            prompt_ids = await self.encode(await self.chat_prompt(body.messages))
         try:
-            jobs: list[Job] = [(prompt_ids, chat_params(body, i, details["max_model_len"], len(prompt_ids)))
-                               for i in range(body.n)]
+            jobs: list[Job] = [(prompt_ids, chat_params(body, i, details["max_model_len"], len(prompt_ids),
+                                                        self.adapter_of(body.model))) for i in range(body.n)]
         except RequestError as error:
             return self.failure(error)
 
@@ -680,7 +715,7 @@ class OpenAIIngress:
                          "top_logprobs": [{"token": t, "logprob": lp} for _, t, lp in e["top"]]}
                         for e in result["logprobs"]]}
                 choices.append(choice)
-            return {**response_body("chat", self.args.name, choices, len(prompt_ids),
+            return {**response_body("chat", body.model, choices, len(prompt_ids),
                                     sum(r["completion_tokens"] for r in results),
                                     max(r["cached_tokens"] for r in results)), **grounding}
 
@@ -701,7 +736,8 @@ def app_builder(args: ServeArgs) -> Any:
                             "max_replicas": max(args.min_replicas, args.max_replicas)},
         health_check_period_s=10, ray_actor_options={"num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
     ).bind(str(Path(args.model).resolve()), args.name, args.max_batch, args.dtype,  # type: ignore[attr-defined]
-           args.prefix_cache_mb, args.engine_threads)
+           args.prefix_cache_mb, args.engine_threads, {name: str(Path(path).resolve()) for name, path in
+                                                         args.adapters.items()})
     retriever = None
     if args.rag is not None:
         retriever = serve.deployment(

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from dataprep.finetune.chat import CHAT_TEMPLATE
 from dataprep.stage import CHECKPOINTS_DIR, HF_DIR, TOKENIZER_DIR
 from dataprep.tokenize.tokenizer import load_tokenizer
 from serving.kv_cache import BatchKVCache
@@ -51,6 +52,8 @@ from serving.sampling import (
 )
 from serving.structured import Constrained, StructuredVocabulary
 from workers.decoder import Decoder
+from workers.export import weights_digest
+from workers.lora import AdapterError, LoraWeights
 from workers.model import KVCache, Transformer
 from workers.model_config import ModelConfig
 
@@ -95,6 +98,7 @@ class Request:
     batch_rows_sum: int = 0
     cached_tokens: int = 0  # prompt positions reused from the prefix cache
     guide: Constrained | None = None  # structured output: its position in the format's automaton
+    adapter: LoraWeights | None = None  # the LoRA adapter its tokens go through (None: the base model)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def timing(self) -> dict[str, float | None]:
@@ -147,6 +151,21 @@ def load_model(path: Path) -> tuple[Transformer, Path]:
     return model, Path(state["spec"]["data_dir"]).parent / TOKENIZER_DIR
 
 
+def _namespace(request: Request) -> bytes:
+    """Prefix-cache blocks are per adapter: the same tokens have other keys and values under another adapter."""
+    return b"" if request.adapter is None else request.adapter.name.encode()
+
+
+def stored_chat_template(tokenizer_dir: Path) -> str:
+    """The `chat_template` of the tokenizer's `tokenizer_config.json` (what transformers uses), else ours."""
+    config = Path(tokenizer_dir) / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text()).get("chat_template")
+        if isinstance(template, str) and template:
+            return template
+    return CHAT_TEMPLATE
+
+
 def _gpt2_byte_order(char: str) -> int:
     """Inverse of GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to 256 + k."""
     code = ord(char)
@@ -179,6 +198,21 @@ class Engine:
                       "aborted": 0, "masked_tokens": 0, "mask_s": 0.0, "cached_tokens": 0}
         self.prefix_cache = PrefixCache(self.config, int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self._structured: StructuredVocabulary | None = None
+        self.adapters: dict[str, LoraWeights] = {}
+        self.base_digest: str | None = None  # `workers.export.weights_digest` of the base (set by `load`)
+        self.chat_template = CHAT_TEMPLATE
+
+    def add_adapter(self, name: str, directory: Path) -> LoraWeights:
+        """Load a PEFT LoRA adapter to serve as model `name`; refused (AdapterError) when it was trained on
+        another base model (its recorded base digest differs) or does not fit this model's shapes."""
+        if name == self.name or not name:
+            raise AdapterError(f"adapter name {name!r} must differ from the base model's name {self.name!r}")
+        adapter = LoraWeights.load(name, directory, self.config, self.dtype, self.device)
+        if adapter.base_digest is not None and self.base_digest is not None and adapter.base_digest != self.base_digest:
+            raise AdapterError(f"adapter {name!r} ({directory}) was trained on another base model: its base digest "
+                               f"{adapter.base_digest} differs from this model's {self.base_digest}")
+        self.adapters[name] = adapter
+        return adapter
 
     @classmethod
     def load(cls, path: Path, name: str = "forgeline", max_batch: int = 16, dtype: str = "float32",
@@ -189,8 +223,12 @@ class Engine:
             raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         model, tokenizer_dir = load_model(Path(path))
         tokenizer, eot_id = load_tokenizer(tokenizer_dir)
+        digest = weights_digest(model)  # of the fp32 weights, before any cast
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model.to(DTYPES[dtype]), tokenizer, eot_id, name, max_batch, device, prefix_cache_mb)
+        engine = cls(model.to(DTYPES[dtype]), tokenizer, eot_id, name, max_batch, device, prefix_cache_mb)
+        engine.base_digest = digest
+        engine.chat_template = stored_chat_template(tokenizer_dir)
+        return engine
 
     # ---- text helpers
     def encode(self, text: str) -> list[int]:
@@ -231,8 +269,11 @@ class Engine:
             raise RequestError("prompt", f"token ids must be in [0, {self.config.vocab_size})")
         if any(not 0 <= t < self.config.vocab_size for t, _ in params.logit_bias):
             raise RequestError("logit_bias", f"token ids must be in [0, {self.config.vocab_size})")
+        if params.adapter is not None and params.adapter not in self.adapters:
+            raise RequestError("model", f"no adapter {params.adapter!r} on this engine")
         request = Request(list(prompt_ids), params, on_event,
-                          generator=make_generator(params.seed, torch.device("cpu")))
+                          generator=make_generator(params.seed, torch.device("cpu")),
+                          adapter=None if params.adapter is None else self.adapters[params.adapter])
         if params.regex is not None:
             request.guide = self.structured().constrain(params.regex, params.max_tokens)
         self.waiting.put(request)
@@ -339,11 +380,12 @@ class Engine:
         prefilled = [self.decoder.new_cache(1, len(r.prompt_ids)) for r in admitted]
         for request, own in zip(admitted, prefilled, strict=True):
             if self.prefix_cache is not None and not request.params.echo:  # echo needs every prompt position's logits
-                request.cached_tokens = self.prefix_cache.lookup(request.prompt_ids, own)
+                request.cached_tokens = self.prefix_cache.lookup(request.prompt_ids, own, _namespace(request))
                 self.stats["cached_tokens"] += request.cached_tokens
+        adapters = [r.adapter for r in self.running] + [r.adapter for r in admitted]
         logits, prompt_logits, prompt_caches = self.decoder.mixed_step(
             last, self.cache, [r.prompt_ids[r.cached_tokens:] for r in admitted], [r.params.echo for r in admitted],
-            prefilled)
+            prefilled, adapters if any(a is not None for a in adapters) else None)
         if logits is not None:
             greedy = logits.argmax(dim=-1).tolist()  # one op for the batch; used by the greedy rows
             for row, request in enumerate(self.running):
@@ -353,7 +395,7 @@ class Engine:
             prompt = request.prompt_ids
             self.cache.add_rows(own_cache, [len(prompt)])
             if self.prefix_cache is not None:
-                self.prefix_cache.store(prompt, own_cache)
+                self.prefix_cache.store(prompt, own_cache, namespace=_namespace(request))
             self.running.append(request)
             if request.params.echo:
                 request.prompt_logprobs = [None] + [self._logprob(own_logits[i], prompt[i + 1], request.params.logprobs)
@@ -455,7 +497,7 @@ class Engine:
         request.admitted_at = time.perf_counter()
         prompt = request.prompt_ids
         cache = KVCache(self.config, 1, len(prompt) + params.max_tokens, self.device, self.dtype)
-        logits = self.decoder(torch.tensor([prompt], device=self.device), cache)[:, -1]
+        logits = self.decoder(torch.tensor([prompt], device=self.device), cache, request.adapter)[:, -1]
         beams: list[tuple[list[int], float]] = [([], 0.0)]
         finished: list[tuple[list[int], float]] = []
 
@@ -489,7 +531,8 @@ class Engine:
             beams = alive
             if cache.keys[0].shape[0] != len(rows) or rows != list(range(len(rows))):
                 cache.reorder(torch.tensor(rows, device=self.device))
-            logits = self.decoder(torch.tensor([[t[-1]] for t, _ in beams], device=self.device), cache)[:, -1]
+            logits = self.decoder(torch.tensor([[t[-1]] for t, _ in beams], device=self.device), cache,
+                                  request.adapter)[:, -1]
         ranked = sorted(finished + beams, key=lambda b: -normalised(*b))
         hypotheses: list[dict[str, Any]] = []
         for tokens, total in ranked[:params.n_best]:

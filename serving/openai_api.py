@@ -1,8 +1,9 @@
 """OpenAI-compatible request schemas and response bodies (completions, chat completions, errors).
 
 Validation errors become HTTP 400 with an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`
-naming the field. A chat is rendered with a simple template: one `<|role|>\\ncontent` block per message and a
-final `<|assistant|>\\n`; generation stops at the next `<|` marker or end-of-text.
+naming the field. A chat is rendered with the model's stored chat template (`dataprep.finetune.chat`: one
+`<|role|>\\ncontent<|endoftext|>` block per message and a final `<|assistant|>\\n`); generation stops at
+end-of-text (or a `\\n<|` role marker, which a base model may write).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dataprep.finetune.chat import CHAT_TEMPLATE
+from dataprep.finetune.chat import render_chat as render_template
+from dataprep.tokenize.tokenizer import EOT_TOKEN
 from serving.sampling import RequestError, SamplingParams
 from serving.structured import regex_for
 
@@ -118,7 +122,7 @@ def stops(value: str | list[str] | None) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def completion_params(request: CompletionRequest, index: int) -> SamplingParams:
+def completion_params(request: CompletionRequest, index: int, adapter: str | None = None) -> SamplingParams:
     """Sampling parameters of choice `index` (seeds differ per choice so n > 1 gives different samples)."""
     beam = request.best_of if request.use_beam_search and request.best_of else (
         max(4, request.n) if request.use_beam_search else 1)
@@ -128,10 +132,11 @@ def completion_params(request: CompletionRequest, index: int) -> SamplingParams:
         stop_token_ids=tuple(request.stop_token_ids or ()), logprobs=request.logprobs, echo=request.echo,
         beam_width=beam, n_best=request.n if request.use_beam_search else 1, length_penalty=request.length_penalty,
         early_stopping=request.early_stopping,
-        ignore_eos=request.ignore_eos, **penalties(request))
+        ignore_eos=request.ignore_eos, adapter=adapter, **penalties(request))
 
 
-def chat_params(request: ChatCompletionRequest, index: int, context: int, prompt_tokens: int) -> SamplingParams:
+def chat_params(request: ChatCompletionRequest, index: int, context: int, prompt_tokens: int,
+                adapter: str | None = None) -> SamplingParams:
     if request.top_logprobs is not None:
         if not request.logprobs:
             raise RequestError("top_logprobs", "top_logprobs needs logprobs: true")
@@ -141,11 +146,12 @@ def chat_params(request: ChatCompletionRequest, index: int, context: int, prompt
     return SamplingParams(
         max_tokens=limit, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
         seed=None if request.seed is None else request.seed + index, stop=(*stops(request.stop), CHAT_STOP),
-        logprobs=(request.top_logprobs or 0) if request.logprobs else None, **penalties(request))
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None, adapter=adapter, **penalties(request))
 
 
-def render_chat(messages: list[ChatMessage]) -> str:
-    return "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages) + "<|assistant|>\n"
+def render_chat(messages: list[ChatMessage], template: str = CHAT_TEMPLATE, eos_token: str = EOT_TOKEN) -> str:
+    """The prompt of a chat under the model's stored chat template (the one `transformers` applies)."""
+    return render_template([{"role": m.role, "content": m.content} for m in messages], eos_token, True, template)
 
 
 def prompts_of(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:

@@ -41,21 +41,22 @@ class PrefixCache:
         self.blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # digest → (layers, 2, kv_heads, B, D)
         self.stats = PrefixStats()
 
-    def _digests(self, prompt: list[int], count: int) -> list[bytes]:
-        """The chained digests of the prompt's first `count` whole blocks."""
-        digests, parent, size = [], b"", self.block_size
+    def _digests(self, prompt: list[int], count: int, namespace: bytes = b"") -> list[bytes]:
+        """The chained digests of the prompt's first `count` whole blocks; `namespace` (a LoRA adapter's name)
+        seeds the chain, so blocks computed under one adapter are never reused under another."""
+        digests, parent, size = [], namespace, self.block_size
         for block in range(count):
             tokens = torch.tensor(prompt[block * size:(block + 1) * size], dtype=torch.int32).numpy().tobytes()
             parent = hashlib.blake2b(parent + tokens, digest_size=16).digest()
             digests.append(parent)
         return digests
 
-    def lookup(self, prompt: list[int], cache: KVCache) -> int:
+    def lookup(self, prompt: list[int], cache: KVCache, namespace: bytes = b"") -> int:
         """Copy the longest cached prefix of `prompt` (whole blocks, at most len(prompt) - 1 positions) into the
         empty `cache` and advance it; returns the number of cached positions."""
         self.stats.queries += 1
         hits, used = [], []
-        for digest in self._digests(prompt, (len(prompt) - 1) // self.block_size):
+        for digest in self._digests(prompt, (len(prompt) - 1) // self.block_size, namespace):
             block = self.blocks.get(digest)
             if block is None:
                 break
@@ -74,10 +75,10 @@ class PrefixCache:
         self.stats.cached_tokens += span
         return span
 
-    def store(self, prompt: list[int], cache: KVCache, row: int = 0) -> None:
+    def store(self, prompt: list[int], cache: KVCache, row: int = 0, namespace: bytes = b"") -> None:
         """Keep the whole blocks of `prompt`, whose keys/values `cache` holds in `row`, that are not kept yet."""
         size = self.block_size
-        digests = self._digests(prompt, len(prompt) // size)
+        digests = self._digests(prompt, len(prompt) // size, namespace)
         for block, digest in enumerate(digests):
             if digest in self.blocks:
                 continue

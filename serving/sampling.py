@@ -35,6 +35,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     regex: str | None = None  # structured output: the output must match (serving.structured)
+    adapter: str | None = None  # the LoRA adapter to generate with (None: the base model)
     extra: dict[str, object] = field(default_factory=dict)
 
     def validate(self, prompt_tokens: int, context: int) -> None:

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.lora import LoraWeights, TokenGroups, token_groups
+from workers.lora import apply as apply_lora
 from workers.model import Block, KVCache, KVStore, Transformer, rope_tables
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -150,23 +152,29 @@ class Decoder:
         """An empty cache of `rows` sequences of up to `length` positions, in the decoder's dtype and device."""
         return KVCache(self.config, rows, length, self.device, self.dtype)
 
-    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """The blocks over a flat run of tokens (N,) at `positions` (N,); returns the hidden states (N, dim)."""
+    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend, groups: TokenGroups | None = None,
+                ) -> torch.Tensor:
+        """The blocks over a flat run of tokens (N,) at `positions` (N,); returns the hidden states (N, dim).
+        `groups`: LoRA adapters and the tokens each applies to (`workers.lora`)."""
         if int(positions.max()) + 1 > self.config.max_seq_len:
             raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
         count, head_dim = len(tokens), self.config.head_dim
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (N, 1, D)
         x = F.embedding(tokens, self.embed)
+        def project(inputs: torch.Tensor, weight: torch.Tensor, index: int, target: str) -> torch.Tensor:
+            out = linear(inputs, weight)
+            return apply_lora(out, inputs, index, target, groups) if groups else out
+
         for index, layer in enumerate(self.layers):
-            qkv = linear(rms_norm(x, layer.attn_norm, self.eps), layer.qkv)
+            qkv = project(rms_norm(x, layer.attn_norm, self.eps), layer.qkv, index, "qkv")
             qk = qkv[:, :self.q_dim + self.kv_dim].view(count, -1, head_dim)  # RoPE on q and k heads at once
             qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
             q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]
             v = qkv[:, self.q_dim + self.kv_dim:]
-            x = x + linear(attend(index, q, k, v.view(count, -1, head_dim)), layer.o)
-            gate, up = linear(rms_norm(x, layer.mlp_norm, self.eps), layer.gate_up).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, layer.down)
+            x = x + project(attend(index, q, k, v.view(count, -1, head_dim)), layer.o, index, "o")
+            gate, up = project(rms_norm(x, layer.mlp_norm, self.eps), layer.gate_up, index, "gate_up").chunk(2, dim=-1)
+            x = x + project(F.silu(gate) * up, layer.down, index, "down")
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -174,8 +182,9 @@ class Decoder:
         return linear(rms_norm(hidden, self.final_norm, self.eps), self.lm_head)
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, cache: KVStore) -> torch.Tensor:
-        """Logits of every position of `tokens` (B, T), which follow what `cache` holds for each row."""
+    def __call__(self, tokens: torch.Tensor, cache: KVStore, adapter: LoraWeights | None = None) -> torch.Tensor:
+        """Logits of every position of `tokens` (B, T), which follow what `cache` holds for each row (with
+        `adapter`'s LoRA updates on every row when given)."""
         batch, new = tokens.shape
         positions = cache.positions(new, tokens.device).expand(batch, new).reshape(-1)
         mask, causal = self._mask(cache, new, tokens.device)
@@ -185,13 +194,13 @@ class Decoder:
             out = attention(_heads_first(q, batch, new), keys, values, mask, causal)
             return out.transpose(1, 2).reshape(batch * new, -1)
 
-        hidden = self._layers(tokens.reshape(-1), positions, attend)
+        hidden = self._layers(tokens.reshape(-1), positions, attend, [(adapter, None)] if adapter else None)
         cache.advance(new)
         return self.logits(hidden).view(batch, new, -1)
 
     @torch.no_grad()
     def mixed_step(self, last_tokens: list[int], cache: KVStore, prompts: list[list[int]], all_logits: list[bool],
-                   prefilled: list[KVCache] | None = None,
+                   prefilled: list[KVCache] | None = None, adapters: list[LoraWeights | None] | None = None,
                    ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[KVCache]]:
         """One forward pass over the next token of every running row *and* the prompts of newly admitted
         requests (continuous batching with prefill folded into the decode step, as vLLM schedules it).
@@ -203,6 +212,7 @@ class Decoder:
 
         `prefilled[i]` (prefix caching): a one-row cache that already holds the positions before `prompts[i]`
         (then `prompts[i]` is only the rest of the prompt), and the cache that prompt's keys are appended to.
+        `adapters`: the LoRA adapter (or None: the base model) of each running row, then of each prompt.
         """
         rows, lengths = len(last_tokens), [len(p) for p in prompts]
         fresh = prefilled or [self.new_cache(1, length) for length in lengths]
@@ -229,7 +239,12 @@ class Decoder:
                 start += length
             return torch.cat(outputs).reshape(len(tokens), -1)
 
-        hidden = self._layers(tokens, torch.cat(position_parts), attend)
+        groups = None
+        if adapters is not None and any(a is not None for a in adapters):
+            per_token = adapters[:rows] + [a for a, length in zip(adapters[rows:], lengths, strict=True)
+                                           for _ in range(length)]
+            groups = token_groups(per_token, self.device)
+        hidden = self._layers(tokens, torch.cat(position_parts), attend, groups)
         if rows:
             cache.advance(1)
         for length, own in zip(lengths, fresh, strict=True):

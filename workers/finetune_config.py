@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from dataprep.stage import ConfigLocation, StageConfig
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FINETUNE_OPERATIONAL_FIELDS = ("num_workers", "cpus_per_worker", "use_gpu", "max_failures", "checkpoint_every",
+FINETUNE_OPERATIONAL_FIELDS = ("adapter_name", "num_workers", "cpus_per_worker", "use_gpu", "max_failures", "checkpoint_every",
                                "keep_last", "log_every")
 
 
@@ -52,6 +52,8 @@ class FinetuneConfig(StageConfig):
     eval_answers: int = Field(64, ge=0, description="held-out answers generated for exact match / chrF")
     max_new_tokens: int = Field(32, ge=1)
     # operational: not part of the stage hash
+    adapter_name: str = Field("instruct", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                              description="the model name `forgeline serve` gives the adapter")
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False
