@@ -222,7 +222,8 @@ def serve(
         adapters = {cfg.finetune.adapter_name: str(Path(stages["finetune"]["path"]) / "adapter")}
         model = Path(stages["pretrain"]["path"])
     target = model or Path(_run(pipeline_flow, cfg, "pretrain")["pretrain"]["path"])
-    args: dict[str, Any] = {"model": str(target.resolve()), "dtype": dtype, "engine_cpus": engine_cpus, "adapters": adapters,
+    args: dict[str, Any] = {"model": str(target.resolve()), "dtype": dtype, "engine_cpus": engine_cpus,
+                            "adapters": adapters,
                             "max_batch": max_batch, "max_replicas": replicas, "request_timeout_s": timeout,
                             "engine_threads": engine_threads, "prefix_cache_mb": prefix_cache_mb,
                             "max_pending_requests": max_pending}

@@ -18,7 +18,6 @@ from prefect.artifacts import create_markdown_artifact
 from flows.common import connect_ray
 from flows.config import RunConfig
 
-
 EXAMPLE_CHAT = [{"role": "system", "content": "Answer with one word."},
                 {"role": "user", "content": "What is the first word of this sentence? The for statement is used to "
                                             "iterate over the elements of a sequence."}]
@@ -54,7 +53,8 @@ def deploy_flow(config: RunConfig, args: dict[str, Any], port: int = 8000, check
     key = settings.api_key or os.environ.get(API_KEY_ENV)
     adapter = next(iter(sorted(settings.adapters)), None)
     curl, route, payload = example_request(base, config.name, key is not None, adapter)
-    result: dict[str, Any] = {"url": base, "curl": curl, "model": payload["model"], "adapters": sorted(settings.adapters)}
+    result: dict[str, Any] = {"url": base, "curl": curl, "model": payload["model"],
+                              "adapters": sorted(settings.adapters)}
     if check:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         response = httpx.post(f"{base}{route}", json=payload, headers=headers, timeout=120)

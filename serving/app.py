@@ -112,7 +112,7 @@ class ServeArgs(BaseModel):
 
 
     @model_validator(mode="after")
-    def _adapter_names(self) -> ServeArgs:
+    def _adapter_names(self) -> "ServeArgs":
         if self.name in self.adapters:
             raise ValueError(f"adapters: {self.name!r} is the base model's name; give the adapter another")
         return self

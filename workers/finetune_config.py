@@ -9,8 +9,8 @@ from pydantic import Field, model_validator
 from dataprep.stage import ConfigLocation, StageConfig
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FINETUNE_OPERATIONAL_FIELDS = ("adapter_name", "num_workers", "cpus_per_worker", "use_gpu", "max_failures", "checkpoint_every",
-                               "keep_last", "log_every")
+FINETUNE_OPERATIONAL_FIELDS = ("adapter_name", "num_workers", "cpus_per_worker", "use_gpu", "max_failures",
+                               "checkpoint_every", "keep_last", "log_every")
 
 
 class LoraSettings(StageConfig):
