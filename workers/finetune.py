@@ -36,7 +36,7 @@ from workers.checkpoint import check_compatible, latest_checkpoint, load_checkpo
 from workers.finetune_config import FinetuneConfig, FinetuneJob, LoraSettings
 from workers.model import Transformer
 from workers.model_config import ModelConfig
-from workers.pretrain import BatchPlan, Context, Reporter, init_distributed, peak_memory_bytes, warmup_cosine
+from workers.pretrain import BatchPlan, Context, Reporter, say, init_distributed, peak_memory_bytes, warmup_cosine
 
 METRICS_FILE = "metrics.jsonl"
 ADAPTER_INFO = "forgeline_adapter.json"
@@ -221,7 +221,7 @@ def train(job: FinetuneJob, report: Reporter | None = None) -> dict[str, Any]:
             _append(out / METRICS_FILE, row)
             if done % settings.log_every == 0 or saving:
                 val = f" val {row['val_loss']:.4f}" if "val_loss" in row else ""
-                print(f"finetune {done}/{settings.steps} loss {row['loss']:.4f}{val} lr {lr:.2e}", flush=True)
+                say(f"finetune {done}/{settings.steps} loss {row['loss']:.4f}{val} lr {lr:.2e}")
         if report is not None and saving:
             report(row)
         last = row

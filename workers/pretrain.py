@@ -201,7 +201,7 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     """One console line from rank 0. Written to stdout directly: Ray Train replaces `print` in its workers with a
     logger call that also tees to Ray's wrapped stdout, which showed every progress line twice."""
     sys.stdout.write(line + "\n")
@@ -273,7 +273,7 @@ def train(job: TrainJob, report: Reporter | None = None) -> dict[str, Any]:
         if resume_from is not None:
             _record_resume(out, start, resume_from)
         counts = parameter_count(config)
-        _say(f"model: {counts['total']:,} parameters ({counts['non_embedding']:,} in matmuls); world {ctx.world} "
+        say(f"model: {counts['total']:,} parameters ({counts['non_embedding']:,} in matmuls); world {ctx.world} "
              f"on {ctx.device.type}; {'resuming from ' + str(resume_from) if resume_from else 'from scratch'}")
     tokens_per_step = plan.global_batch * seq_len
 
@@ -332,7 +332,7 @@ def train(job: TrainJob, report: Reporter | None = None) -> dict[str, Any]:
                 handle.write(json.dumps(row) + "\n")
             if done % job.config.log_every == 0 or done == job.config.steps or "val_loss" in row:
                 val = f" val {row['val_loss']:.4f}" if "val_loss" in row else ""
-                _say(f"{_progress(done, job.config.steps, started, start)} loss {row['loss']:.4f}{val} lr {lr:.2e} "
+                say(f"{_progress(done, job.config.steps, started, start)} loss {row['loss']:.4f}{val} lr {lr:.2e} "
                      f"{row['tokens_per_s']:,.0f} tok/s")
         if report is not None and ("val_loss" in row or checkpointing):
             report(row)

@@ -17,41 +17,19 @@ from typing import Any
 import pytest
 
 from dataprep.evaluate.curves import read_metrics
-from flows.config import ConfigError, RunConfig, parse_config
+from flows.config import ConfigError, parse_config
 from tests.conftest import REPO_ROOT, reference_documents, write_corpus_stage
+from tests.flows.conftest import make_config
 from workers.checkpoint import complete_checkpoints, read_journal
 
 pytestmark = pytest.mark.integration
 COMPARED = ("loss", "grad_norm", "lr", "val_loss")
 
 
-def make_config(run_dir: Path, seq_len: int = 32, **pretrain: Any) -> RunConfig:
-    return parse_config({
-        "name": "pretrain-test", "run_dir": str(run_dir), "ray": {"num_cpus": 2},
-        "ingest": {"inputs": ["unused.jsonl"]},
-        "tokenize": {"vocab_size": 512, "seq_len": seq_len, "holdout": 0.1, "windows_per_shard": 50},
-        "pretrain": {"model": {"preset": "tiny", "dim": 64, "n_layers": 2, "ffn_dim": 160, "max_seq_len": 64},
-                     "steps": 24, "micro_batch": 4, "lr": 5e-3, "warmup_steps": 4, "num_workers": 2,
-                     "checkpoint_every": 8, "eval_every": 8, "eval_windows": 16, "keep_last": 2,
-                     "max_failures": 1, **pretrain},
-    })
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_corpus_stage(tmp_path_factory.mktemp("corpus") / "filter-test", reference_documents(120))
-
-
-@pytest.fixture(scope="module")
-def reference_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory, prefect_server: None,
-                  ray_local: None) -> dict[str, Any]:
-    from flows.pretrain import pretrain_flow
-    from flows.tokenize import tokenize_flow
-
-    config = make_config(tmp_path_factory.mktemp("run"))
-    tokens = tokenize_flow(config, str(corpus))
-    trained = pretrain_flow(config, tokens["path"])
-    return {"config": config, "tokens": tokens, "trained": trained}
+def reference_run(pretrained_run: dict[str, Any]) -> dict[str, Any]:
+    """The session's undisturbed tokenize + pretrain run (tests/flows/conftest.py)."""
+    return pretrained_run
 
 
 def test_tokenize_counts_add_up(reference_run: dict[str, Any]) -> None:

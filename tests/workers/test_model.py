@@ -95,3 +95,23 @@ def test_journal_keeps_checkpoints_that_keep_last_pruned(tmp_path: Path) -> None
     with open(root / "saved.jsonl", "a") as journal:
         journal.write('{"step": 32, "pa')  # a crash mid-line
     assert len(read_journal(root)) == 4
+
+
+def test_packed_examples_do_not_see_each_other() -> None:
+    """A row of three packed examples (and padding) gives each example the logits it has alone."""
+    model = Transformer(SMALL)
+    model.init_weights(4)
+    model.eval()
+    generator = torch.Generator().manual_seed(1)
+    parts = [torch.randint(0, SMALL.vocab_size, (n,), generator=generator) for n in (7, 12, 5)]
+    tokens = torch.cat([*parts, torch.zeros(4, dtype=torch.long)])[None]
+    segments = torch.tensor([0] * 7 + [1] * 12 + [2] * 5 + [-1] * 4)[None]
+    with torch.no_grad():
+        packed = model(tokens, segments=segments)[0]
+        start = 0
+        for part in parts:
+            alone = model(part[None])[0]
+            torch.testing.assert_close(packed[start:start + len(part)], alone, atol=1e-5, rtol=1e-5)
+            start += len(part)
+        unmasked = model(tokens)[0]
+    assert (unmasked[7:19] - packed[7:19]).abs().max() > 1e-3, "without segments the second example sees the first"
