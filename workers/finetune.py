@@ -36,7 +36,7 @@ from workers.checkpoint import check_compatible, latest_checkpoint, load_checkpo
 from workers.finetune_config import FinetuneConfig, FinetuneJob, LoraSettings
 from workers.model import Transformer
 from workers.model_config import ModelConfig
-from workers.pretrain import BatchPlan, Context, Reporter, say, init_distributed, peak_memory_bytes, warmup_cosine
+from workers.pretrain import BatchPlan, Context, Reporter, init_distributed, peak_memory_bytes, say, warmup_cosine
 
 METRICS_FILE = "metrics.jsonl"
 ADAPTER_INFO = "forgeline_adapter.json"

@@ -47,7 +47,8 @@ def test_layouts_become_messages_and_bad_lines_are_counted(tmp_path: Path) -> No
     path.write_text("\n".join(lines) + "\n")
     parsed = read_instructions(str(path))
     assert len(parsed.examples) == 4
-    assert parsed.examples[1] == [{"role": "user", "content": "Repeat: a dog"}, {"role": "assistant", "content": "a dog"}]
+    assert parsed.examples[1] == [{"role": "user", "content": "Repeat: a dog"},
+                                  {"role": "assistant", "content": "a dog"}]
     assert parsed.examples[2][0]["content"] == "Give the last word.\n\nthe sun is hot"
     assert parsed.examples[3][0]["content"] == "Say yes."
     assert parsed.rejected_by_reason == dict(sorted((reason, 1) for _, reason in BAD))
