@@ -36,8 +36,15 @@ class LowRank:
     a: torch.Tensor  # (rank, in)
     b: torch.Tensor  # (out, rank), scale folded in
 
+    def __post_init__(self) -> None:
+        self.b_t = self.b.t().contiguous()  # (rank, out): the right operand of addmm
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.a), self.b)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + B A x in two kernels (the add fused into the second product)."""
+        return torch.addmm(out, F.linear(x, self.a), self.b_t)
 
 
 @dataclass
@@ -158,6 +165,5 @@ def apply(out: torch.Tensor, x: torch.Tensor, layer: int, target: str, groups: T
         pair = adapter.layers[layer].get(target)
         if pair is None:
             continue
-        update = pair.delta(x if index is None else x.index_select(0, index))
-        out = out + update if index is None else out.index_add(0, index, update)
+        out = pair.add_to(out, x) if index is None else out.index_add(0, index, pair.delta(x.index_select(0, index)))
     return out

@@ -111,3 +111,29 @@ def format_plan(result: dict[str, Any]) -> str:
         f"{result['hours']:,.2f} h on {result['gpus']} GPUs",
     ]
     return "\n".join(lines)
+
+
+LORA_SHAPES = {  # (in, out) of each Llama linear a LoRA may target, from the model shape
+    "q_proj": lambda c: (c.dim, c.n_heads * c.head_dim), "k_proj": lambda c: (c.dim, c.n_kv_heads * c.head_dim),
+    "v_proj": lambda c: (c.dim, c.n_kv_heads * c.head_dim), "o_proj": lambda c: (c.n_heads * c.head_dim, c.dim),
+    "gate_proj": lambda c: (c.dim, c.ffn_dim), "up_proj": lambda c: (c.dim, c.ffn_dim),
+    "down_proj": lambda c: (c.ffn_dim, c.dim),
+}
+
+
+def lora_parameters(config: ModelConfig, rank: int, targets: tuple[str, ...]) -> int:
+    """Adapter parameters: rank·(in + out) per targeted linear per layer."""
+    per_layer = sum(rank * sum(LORA_SHAPES[name](config)) for name in targets)
+    return per_layer * config.n_layers
+
+
+def finetune_state_bytes(config: ModelConfig, method: str, rank: int = 16,
+                         targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> dict[str, int]:
+    """fp32 training state on one device (no sharding): weights (frozen base + trainable), gradients and AdamW's
+    two moments, for the trainable parameters only. LoRA's optimizer + gradient memory is 12 bytes per adapter
+    parameter against 12 per model parameter for full finetuning."""
+    total = parameter_count(config)["total"]
+    trainable = total if method == "full" else lora_parameters(config, rank, targets)
+    weights = 4 * total + (0 if method == "full" else 4 * trainable)
+    return {"trainable_parameters": trainable, "weights": weights, "gradients": 4 * trainable,
+            "adam": 8 * trainable, "optimizer_and_gradients": 12 * trainable}
