@@ -53,9 +53,10 @@ def base_checkpoint(config: RunConfig, pretrain: StageDir) -> Path:
     """The pretrain checkpoint finetuning starts from (`finetune.checkpoint`: latest or a step)."""
     root = pretrain.path / CHECKPOINTS_DIR
     chosen = config.finetune.checkpoint
-    found = latest_checkpoint(root) if chosen == "latest" else step_dir(root, chosen)
+    found = latest_checkpoint(root) if chosen is None else step_dir(root, chosen)
     if found is None or not (found / "train_state.json").is_file():
-        raise ValueError(f"finetune.checkpoint {chosen!r}: no such complete checkpoint in {root}")
+        raise ValueError(f"finetune.checkpoint {chosen if chosen is not None else 'latest'}: no such complete "
+                         f"checkpoint in {root}")
     return found
 
 

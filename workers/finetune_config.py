@@ -37,7 +37,7 @@ class FinetuneConfig(StageConfig):
     holdout: float = Field(0.1, gt=0, lt=0.5, description="fraction of `data` held out when eval_data is null")
     method: Literal["lora", "full"] = "lora"
     lora: LoraSettings = LoraSettings()
-    checkpoint: Literal["latest"] | int = Field("latest", description="pretrain step to start from")
+    checkpoint: int | None = Field(None, ge=0, description="pretrain step to start from (null: the latest)")
     seq_len: int | None = Field(None, ge=8, description="packed row length (default: the model's context)")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="examples longer than seq_len")
     steps: int = Field(200, ge=1)

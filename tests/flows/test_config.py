@@ -42,6 +42,10 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
         ("run_dir: r\ningest:\n  inputs: [a.warc]\nevaluate:\n  max_windows: 0\n", "evaluate.max_windows"),
         ("run_dir: r\ningest:\n  inputs: [a.warc]\nrag:\n  hybrid:\n    method: borda\n", "rag.hybrid.method"),
         ("run_dir: r\ningest:\n  inputs: [a.warc]\nrag:\n  max_k: 0\n", "rag.max_k"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\nfinetune:\n  method: qlora\n", "finetune.method"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\nfinetune:\n  lora:\n    target_modules: [wq]\n", "finetune.lora"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\nfinetune:\n  checkpoint: best\n", "finetune.checkpoint"),
+        ("run_dir: r\ningest:\n  inputs: [a.warc]\nfinetune:\n  overlong: wrap\n", "finetune.overlong"),
     ],
 )
 def test_errors_name_file_and_field(tmp_path: Path, body: str, field: str) -> None:
@@ -65,3 +69,15 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
         load_config(_write(tmp_path, "run_dir: [unclosed\n"))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         parse_config(["a"], "x.yaml")
+
+
+def test_finetune_runs_only_when_configured(tmp_path: Path) -> None:
+    from flows.pipeline import stages_until
+
+    plain = load_config(_write(tmp_path, "run_dir: r\ningest:\n  inputs: [a.warc]\n"))
+    assert "finetune" not in stages_until(None, plain)
+    assert stages_until("finetune", plain) == ("ingest", "dedup", "filter", "tokenize", "pretrain", "finetune")
+    tuned = load_config(_write(tmp_path, "run_dir: r\ningest:\n  inputs: [a.warc]\nfinetune:\n  data: i.jsonl\n"))
+    order = stages_until(None, tuned)
+    assert order.index("pretrain") < order.index("evaluate") < order.index("finetune")
+    assert tuned.finetune.data == str(tmp_path / "conf" / "i.jsonl"), "relative to the config file"

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from dataprep.tokenize.tokenizer import save_tokenizer, train_bpe
+from tests.adapters import make_adapter
 from workers.checkpoint import save_checkpoint
 from workers.export import export_hf
 from workers.model import Transformer
@@ -42,6 +43,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     checkpoint = save_checkpoint(root / "ckpt", 1, model, torch.optim.AdamW(model.parameters()),
                                  {"model": CONFIG.to_dict()}, keep_last=1)
     save_tokenizer(train_bpe([TEXT] * 20, 300), root / "tok")
+    make_adapter(model, root / "adapter-a", seed=1)
+    make_adapter(model, root / "adapter-b", seed=2, targets=("q_proj", "v_proj"))
     return export_hf(checkpoint, root / "tok", root / "hf")
 
 
@@ -64,8 +67,9 @@ def server(model_dir: Path, ray_local: None) -> Iterator[dict[str, str]]:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_from_serve_config(model=str(model_dir), name="tiny", engine_cpus=0.5), name="open",
-              route_prefix="/")
+    adapters = {"tiny-a": str(model_dir.parent / "adapter-a"), "tiny-b": str(model_dir.parent / "adapter-b")}
+    serve.run(app_from_serve_config(model=str(model_dir), name="tiny", engine_cpus=0.5, adapters=adapters),
+              name="open", route_prefix="/")
     serve.run(app_builder({"model": str(model_dir), "name": "tiny", "engine_cpus": 0.5, "api_key": "sekret",
                            "request_timeout_s": 0.001}),  # below one handle round trip: every generate → 408
               name="secured", route_prefix="/secured")
@@ -166,11 +170,10 @@ def test_openai_client_unchanged(server: dict[str, str]) -> None:
     assert chunks[0].choices[0].delta.role == "assistant"
     streamed_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed_text == whole.choices[0].message.content, "streaming gives the text a plain call gives"
-    assert [m.id for m in api.models.list()] == ["tiny"]
+    assert [m.id for m in api.models.list()] == ["tiny", "tiny-a", "tiny-b"]
 
 
 @pytest.mark.parametrize(("payload", "param"), [
-    ({"model": "other", "prompt": "x"}, "model"),
     ({"model": "tiny", "prompt": "x", "temperature": -0.5}, "temperature"),
     ({"model": "tiny", "prompt": "x", "top_p": 0}, "top_p"),
     ({"model": "tiny", "prompt": "x", "top_p": 1.5}, "top_p"),
@@ -274,3 +277,44 @@ def test_prefix_cache_reports_cached_tokens(client: httpx.Client) -> None:
     hits = [line for line in metrics.splitlines() if line.startswith("forgeline_prefix_cache_hit_tokens_total ")]
     assert hits and float(hits[0].split()[1]) >= (count - 1) // 16 * 16
     assert client.get("/engine_stats").json()["prefix_cache"]["hits"] >= 1
+
+
+def test_adapters_are_models_and_mix_in_a_batch(client: httpx.Client) -> None:
+    """`model` selects the base or a LoRA adapter (as vLLM's multi-LoRA serving does); requests for different
+    adapters decode in one batch and each gets what it gets alone; chats use the stored template."""
+    listed = client.get("/v1/models").json()["data"]
+    assert [(m["id"], m["parent"]) for m in listed] == [("tiny", None), ("tiny-a", "tiny"), ("tiny-b", "tiny")]
+
+    def complete(model: str) -> dict:
+        response = client.post("/v1/completions", json={"model": model, "prompt": "the cat sat on", "max_tokens": 8,
+                                                        "temperature": 0, "ignore_eos": True})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    alone = {model: complete(model) for model in ("tiny", "tiny-a", "tiny-b")}
+    assert {body["model"] for body in alone.values()} == {"tiny", "tiny-a", "tiny-b"}
+    assert len({body["choices"][0]["text"] for body in alone.values()}) == 3, "each adapter answers differently"
+    order = ["tiny", "tiny-a", "tiny-b"] * 4
+    with ThreadPoolExecutor(len(order)) as pool:
+        together = list(pool.map(complete, order))
+    assert [b["choices"][0]["text"] for b in together] == [alone[m]["choices"][0]["text"] for m in order]
+    chat = client.post("/v1/chat/completions", json={"model": "tiny-a", "max_tokens": 4, "temperature": 0,
+                                                     "messages": [{"role": "user", "content": "the cat?"}]}).json()
+    assert chat["model"] == "tiny-a"
+    prompt = "<|user|>\nthe cat?<|endoftext|><|assistant|>\n"  # the stored chat template
+    assert chat["usage"]["prompt_tokens"] == client.post("/tokenize", json={"prompt": prompt}).json()["count"]
+    streamed = client.post("/v1/completions", json={"model": "tiny-b", "prompt": "the", "max_tokens": 3,
+                                                    "stream": True}).text
+    assert '"model": "tiny-b"' in streamed or '"model":"tiny-b"' in streamed
+
+
+@pytest.mark.parametrize(("path", "payload"), [
+    ("/v1/completions", {"model": "other", "prompt": "x"}),
+    ("/v1/chat/completions", {"model": "tiny-c", "messages": [{"role": "user", "content": "x"}]}),
+])
+def test_unknown_model_is_404(client: httpx.Client, path: str, payload: dict) -> None:
+    response = client.post(path, json=payload)
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "'tiny', 'tiny-a', 'tiny-b'" in error["message"]

@@ -113,7 +113,6 @@ def test_chat_with_retrieval_reports_sources(client: httpx.Client, rag_stage: Pa
     ("/v1/retrieve", {"query": "   ", "k": 3}, "query"),
     ("/v1/retrieve", {"query": "x", "mode": "fuzzy"}, "mode"),
     ("/v1/rag/completions", {"model": "tiny", "question": "the for statement " * 900, "max_tokens": 8}, "question"),
-    ("/v1/rag/completions", {"model": "other", "question": "for"}, "model"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                               "retrieval": {"k": 99}}, "k"),
 ])
@@ -135,3 +134,8 @@ def test_non_utf8_query_is_400(client: httpx.Client) -> None:
     answer = client.post("/v1/retrieve", content=b'{"query": "\xff\xfe", "k": 2}',
                          headers={"content-type": "application/json"})
     assert answer.status_code == 400
+
+
+def test_rag_for_an_unknown_model_is_404(client: httpx.Client) -> None:
+    answer = client.post("/v1/rag/completions", json={"model": "other", "question": "for"})
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found"

@@ -54,3 +54,21 @@ def test_planner_does_not_import_torch_or_the_training_loop() -> None:
     probe = "import sys, workers.planner; print(sorted(m for m in ('torch', 'workers.pretrain') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_lora_prediction_counts_what_peft_trains() -> None:
+    from workers.finetune import trainable_model
+    from workers.finetune_config import FinetuneConfig
+    from workers.model import Transformer
+    from workers.model_config import ModelConfig
+    from workers.planner import finetune_state_bytes
+
+    config = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=32)
+    targets = ("q_proj", "v_proj", "down_proj")
+    model = trainable_model(FinetuneConfig(lora={"rank": 4, "target_modules": targets}), Transformer(config), 0)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    predicted = finetune_state_bytes(config, "lora", 4, targets)
+    assert predicted["trainable_parameters"] == trained == 2 * 4 * ((64 + 64) + (64 + 32) + (160 + 64))
+    assert predicted["optimizer_and_gradients"] == 12 * trained
+    full = finetune_state_bytes(config, "full")
+    assert full["optimizer_and_gradients"] == 12 * sum(p.numel() for p in Transformer(config).parameters())
