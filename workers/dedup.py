@@ -49,6 +49,7 @@ from dataprep.dedup.documents import (
 from dataprep.dedup.minhash import MinHasher, char_shingles, normalise_text
 from dataprep.shards import publish_table
 from workers.dedup_partitioned import PartLayout, partitioned_clusters, read_pairs, write_pairs
+from workers.drill import ATTEMPTS_DIR, HOLD_ENV, attempt, retried  # noqa: F401  (re-exported for the drills)
 
 log = logging.getLogger(__name__)
 
@@ -72,37 +73,9 @@ def _url_hash(url: str | None) -> int:
     return 0 if normal is None else _signed_hash(normal)
 
 
-ATTEMPTS_DIR = ".attempts"
-HOLD_ENV = "FORGELINE_DRILL_HOLD"
-
-
-def _mark_attempt(target: Path) -> bool:
-    """Record that an attempt at `target` started: a second attempt (Ray retrying the task after its worker or
-    node died) finds the first's marker and leaves a `.retried` one, which `_retried` counts. True on a retry."""
-    folder = target.parent / ATTEMPTS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    started = folder / f"{target.name}.started"
-    retry = started.exists()
-    if retry:
-        (folder / f"{target.name}.retried").touch()
-    started.touch()
-    return retry
-
-
-def _drill_hold(target: Path) -> None:
-    """Failure drill (`FORGELINE_DRILL_HOLD=<signature shard path>`): the first attempt at that shard writes
-    `<name>.held` (holding its node id) and then waits, in flight, until its node is removed; the retry runs."""
-    if os.environ.get(HOLD_ENV) != str(target):
-        return
-    marker = target.parent / ATTEMPTS_DIR / f"{target.name}.held"
-    marker.with_suffix(".tmp").write_text(ray.get_runtime_context().get_node_id())
-    marker.with_suffix(".tmp").rename(marker)
-    time.sleep(3600)
-
-
 def _retried(sig_dir: Path) -> int:
     """How many signature shards were computed more than once (recovery after a lost worker)."""
-    return len(list((sig_dir / ATTEMPTS_DIR).glob("*.retried")))
+    return retried(sig_dir)
 
 
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
@@ -112,8 +85,7 @@ def signature_task(source: str, target: str, tmp_dir: str, config: DedupConfig) 
     if Path(target).exists():
         kinds = pq.read_table(target, columns=["char_shingles"])["char_shingles"]
         return len(kinds), int(pc.sum(kinds).as_py() or 0)
-    if not _mark_attempt(Path(target)):
-        _drill_hold(Path(target))
+    attempt(Path(target))
     table = pq.read_table(source, columns=["doc_id", "text", "url"])
     doc_ids, texts, urls = (table[c].to_pylist() for c in ("doc_id", "text", "url"))
     hasher = MinHasher(num_perm=config.num_perm, seed=config.seed, shingle_hash=config.shingle_hash)

@@ -17,7 +17,8 @@ from ray.util import ActorPool
 
 from dataprep.filter.chain import Step, filter_shard, load_resources
 from dataprep.filter.fasttext_models import train_supervised
-from dataprep.stage import StageDir
+from dataprep.stage import UNITS_DIR, StageDir
+from workers.drill import attempt, retried
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,19 @@ class FilterActor:
         self.resources = load_resources(steps)
 
     def filter(self, source: str) -> dict[str, Any]:
+        """One shard (a call retried on a restarted actor, after its node died, is counted: `retried_shards`)."""
+        attempt(shard_target(self.stage, Path(source)))
         return filter_shard(self.stage, Path(source), self.steps, self.resources)
+
+
+def shard_target(stage: StageDir, source: Path) -> Path:
+    """The name a filter shard's attempts are recorded under (`workers.drill`)."""
+    return stage.path / UNITS_DIR / f"filter-{source.stem}"
+
+
+def retried_shards(stage: StageDir) -> int:
+    """Filter shards processed more than once (an actor restarted after its node or process died)."""
+    return retried(stage.path / UNITS_DIR)
 
 
 def run_filter(stage: StageDir, sources: list[Path], steps: list[Step], num_actors: int) -> list[dict[str, Any]]:

@@ -10,7 +10,8 @@ from typing import Any
 import ray
 
 from dataprep.ingest.documents import IngestConfig, IngestUnit, run_ingest_unit
-from dataprep.stage import FaultPlan, StageDir
+from dataprep.stage import UNITS_DIR, FaultPlan, StageDir
+from workers.drill import attempt, retried
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +20,20 @@ log = logging.getLogger(__name__)
 def ingest_file_task(
     stage_path: str, unit: IngestUnit, settings: IngestConfig, fault: FaultPlan | None
 ) -> dict[str, Any]:
-    """Ray task: ingest one file into the stage directory and return its (small) stats dict."""
+    """Ray task: ingest one file into the stage directory and return its (small) stats dict. A retry (its worker
+    or node died) resumes after the unit's published shards and is counted (`retried_units`)."""
+    attempt(unit_target(Path(stage_path), unit))
     return run_ingest_unit(StageDir(Path(stage_path)), unit, settings, fault)
+
+
+def unit_target(stage_path: Path, unit: IngestUnit) -> Path:
+    """The name an ingest unit's attempts are recorded under (`workers.drill`)."""
+    return stage_path / UNITS_DIR / f"unit-{unit.index:05d}"
+
+
+def retried_units(stage: StageDir) -> int:
+    """Ingest units Ray ran more than once (after a lost worker or node)."""
+    return retried(stage.path / UNITS_DIR)
 
 
 def run_ingest_units(
