@@ -36,7 +36,16 @@ from workers.checkpoint import check_compatible, latest_checkpoint, load_checkpo
 from workers.finetune_config import FinetuneConfig, FinetuneJob, LoraSettings
 from workers.model import Transformer
 from workers.model_config import ModelConfig
-from workers.pretrain import BatchPlan, Context, Reporter, init_distributed, peak_memory_bytes, say, warmup_cosine
+from workers.pretrain import (
+    BatchPlan,
+    Context,
+    Reporter,
+    init_distributed,
+    kill_at_fault_step,
+    peak_memory_bytes,
+    say,
+    warmup_cosine,
+)
 
 METRICS_FILE = "metrics.jsonl"
 ADAPTER_INFO = "forgeline_adapter.json"
@@ -137,18 +146,6 @@ def _optimizer(model: nn.Module, config: FinetuneConfig) -> tuple[torch.optim.Op
     return optimizer, scheduler
 
 
-def _fault(job: FinetuneJob, step: int, ctx: Context) -> None:
-    """Failure drill: the last rank SIGKILLs itself once after `fault_step`."""
-    import os
-    import signal
-
-    marker = Path(job.out_dir) / f".fault-step-{step}"
-    if job.fault_step != step or ctx.rank != ctx.world - 1 or marker.exists():
-        return
-    marker.write_text("fired\n")
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _append(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(row) + "\n")
@@ -225,7 +222,7 @@ def train(job: FinetuneJob, report: Reporter | None = None) -> dict[str, Any]:
         if report is not None and saving:
             report(row)
         last = row
-        _fault(job, done, ctx)
+        kill_at_fault_step(job.fault_step, out, done, ctx)
     return last
 
 

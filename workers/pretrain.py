@@ -235,10 +235,14 @@ def _validate(job: TrainJob, config: ModelConfig) -> dict[str, Any]:
 
 
 def _fault(job: TrainJob, step: int, ctx: Context) -> None:
-    """Failure drill: the last rank SIGKILLs itself once, after finishing `fault_step`."""
-    if job.fault_step != step or ctx.rank != ctx.world - 1:
+    kill_at_fault_step(job.fault_step, Path(job.out_dir), step, ctx)
+
+
+def kill_at_fault_step(fault_step: int | None, out_dir: Path, step: int, ctx: Context) -> None:
+    """Failure drill: the last rank SIGKILLs itself once, after finishing `fault_step` (marker in `out_dir`)."""
+    if fault_step != step or ctx.rank != ctx.world - 1:
         return
-    marker = Path(job.out_dir) / f".fault-step-{step}"
+    marker = out_dir / f".fault-step-{step}"
     if marker.exists():
         return
     marker.write_text("fired\n")

@@ -10,6 +10,17 @@ from typing import Any
 from dataprep.shards import atomic_write_bytes
 
 
+def save_png(figure: Any, path: Path, dpi: int = 100) -> None:
+    """Render a matplotlib figure to PNG, close it, and publish the file atomically."""
+    from matplotlib import pyplot
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    pyplot.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl; the last row per step wins (a resumed run may have re-logged steps)."""
     if not path.is_file():

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from dataprep.shards import atomic_write_bytes
+from dataprep.evaluate.curves import save_png
 
 RESULT_SCHEMA = pa.schema([
     pa.field("run", pa.string()), pa.field("pretrain", pa.string()), pa.field("checkpoint", pa.string()),
@@ -73,8 +72,4 @@ def metrics_png(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     for axis in list(axes.flat)[len(series):]:
         axis.axis("off")
     figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    pyplot.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(figure, path, dpi=90)

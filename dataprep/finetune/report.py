@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
 
-from dataprep.shards import atomic_write_bytes
+from dataprep.evaluate.curves import save_png
 
 COLUMNS = (("held_out_loss", "held-out answer loss (nats/token)"), ("exact_match", "exact match"),
            ("chrf", "chrF"))
@@ -39,8 +38,4 @@ def comparison_png(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         axis.bar_label(bars, fmt="%.3f")
         axis.set_title(label, fontsize=9)
     figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    pyplot.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(figure, path)
