@@ -28,6 +28,7 @@ from dataprep.tokenize.packing import (
     unigram_loss,
 )
 from dataprep.tokenize.tokenizer import load_tokenizer, save_tokenizer, train_bpe
+from workers.drill import attempt, retried
 
 STREAMS_DIR = "streams"
 
@@ -47,6 +48,15 @@ def train_tokenizer_task(sources: list[str], out_dir: str, vocab_size: int, min_
     return str(save_tokenizer(tokenizer, Path(out_dir), eot_token, max_length))
 
 
+def retried_shards(stream_dir: Path) -> int:
+    """Shards Ray encoded more than once (after a lost worker or node)."""
+    return retried(stream_dir)
+
+
+def shard_marker(stream_dir: Path, shard_index: int) -> Path:
+    return stream_dir / f"counts-{shard_index:05d}.json"
+
+
 def _stream_paths(stream_dir: Path, shard_index: int) -> dict[str, Path]:
     return {split: stream_dir / f"{split}-{shard_index:05d}.npy" for split in SPLITS}
 
@@ -56,9 +66,10 @@ def tokenize_shard_task(source: str, shard_index: int, tokenizer_dir: str, strea
                         eot_token: str) -> dict[str, Any]:
     """Encode one shard into a train and a held-out stream; returns per-split document and token counts."""
     directory = Path(stream_dir)
-    marker = directory / f"counts-{shard_index:05d}.json"
+    marker = shard_marker(directory, shard_index)
     if marker.is_file():
         return json.loads(marker.read_text())
+    attempt(marker)  # a rerun after a lost worker or node is counted (`retried_shards`)
     tokenizer, eot_id = load_tokenizer(Path(tokenizer_dir), eot_token)
     dtype = token_dtype(tokenizer.get_vocab_size())
     table = pq.read_table(source, columns=["doc_id", "text"])

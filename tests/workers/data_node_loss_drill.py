@@ -4,8 +4,9 @@ A `ray.cluster_utils.Cluster` with a head (no CPUs) and three worker nodes of on
 project's built sample (four input files, one Ray task each) twice, once undisturbed and once with one unit held
 in flight (`FORGELINE_DRILL_HOLD`) and the node running it removed; a fresh node joins (as an autoscaler would
 add one). Then the filter (an ActorPool of two actors) runs on the ingest output twice in the same way: the
-removed node takes a filter actor with it, Ray restarts the actor elsewhere and retries the call. Prints one
-JSON line comparing each disturbed output with its undisturbed twin and the recovery counters.
+removed node takes a filter actor with it, Ray restarts the actor elsewhere and retries the call. Last, the
+tokenize tasks encode the kept shards twice, one held on the node that is removed. Prints one JSON line
+comparing each disturbed output with its undisturbed twin and the recovery counters.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from dataprep.stage import DATA_DIR, StageDir  # noqa: E402
 from workers.drill import ATTEMPTS_DIR, HOLD_ENV  # noqa: E402
 from workers.filter import retried_shards, run_filter, shard_target  # noqa: E402
 from workers.ingest import retried_units, run_ingest_units, unit_target  # noqa: E402
+from workers.tokenize import pack_task, shard_marker, tokenize_shard_task, train_tokenizer_task  # noqa: E402  # noqa: E402
+from workers.tokenize import retried_shards as retried_streams
 
 STEPS = [{"rule": "gopher_repetition"}, {"rule": "gopher_quality"}, {"rule": "c4"}, {"rule": "fineweb"}]
 
@@ -99,8 +102,9 @@ def main(folder: str) -> None:
     clean_filter = stage_at(filter_clean_path)
     clean_stats = run_filter(clean_filter, sources, steps, num_actors=2)
     held_shard = shard_target(StageDir(filter_disturbed_path), sources[len(sources) // 2])
+    held_stream = shard_marker(root / "streams-disturbed", len(sources) // 2)
     # new worker processes read the hold from the environment of the nodes: the nodes added from here on carry it
-    os.environ[HOLD_ENV] = os.pathsep.join([str(held_unit), str(held_shard)])
+    os.environ[HOLD_ENV] = os.pathsep.join([str(held_unit), str(held_shard), str(held_stream)])
     for node in list(nodes):
         cluster.remove_node(node)
         nodes.remove(node)
@@ -108,7 +112,26 @@ def main(folder: str) -> None:
     cluster.wait_for_nodes()
     hurt_filter = stage_at(filter_disturbed_path)
     filter_run = disturbed(lambda: run_filter(hurt_filter, sources, steps, num_actors=2), held_shard, cluster, nodes)
+    kept = sorted((filter_clean_path / DATA_DIR).glob("*.parquet"))
+    tokenizer = ray.get(train_tokenizer_task.remote([str(s) for s in kept], str(root / "tokenizer"), 400, 2,
+                                                    "<|endoftext|>", 64))
+
+    def tokenize(name: str) -> dict[str, Any]:
+        streams = root / f"streams-{name}"
+        streams.mkdir()
+        counts = ray.get([tokenize_shard_task.remote(str(source), index, str(Path(tokenizer).parent), str(streams),
+                                                     0.2, "<|endoftext|>") for index, source in enumerate(kept)])
+        packed = ray.get(pack_task.remote(str(streams), str(root / f"tokens-{name}"), len(kept), 32, 400, 100))
+        return {"counts": counts, "packed": packed, "retried": retried_streams(streams)}
+
+    clean_tokens = tokenize("clean")
+    tokenize_run = disturbed(lambda: tokenize("disturbed"), held_stream, cluster, nodes)
     print(json.dumps({
+        "tokenize_shards": len(kept),
+        "tokenize_same": tokenize_run["value"]["packed"] == clean_tokens["packed"]
+        and tokenize_run["value"]["counts"] == clean_tokens["counts"],
+        "tokenize_running_at_removal": tokenize_run["running_at_removal"],
+        "tokenize_retried": [clean_tokens["retried"], tokenize_run["value"]["retried"]],
         "ingest_units": len(units),
         "ingest_documents": len(documents(clean_ingest)),
         "ingest_same": documents(hurt_ingest) == documents(clean_ingest),
