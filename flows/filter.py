@@ -13,7 +13,7 @@ from dataprep.stage import DATA_DIR, REMOVED_DIR, StageDir, file_digest
 from flows.config import RunConfig
 from flows.stage import Computed, NotYetKnown, StageInputs, StageResult, StageSpec, stage_flow
 from flows.train import train_quality_flow
-from workers.filter import run_filter
+from workers.filter import retried_shards, run_filter
 
 FUNNEL_PNG = "funnel.png"
 
@@ -55,7 +55,8 @@ class FilterStage(StageSpec):
         steps = [spec.step() for spec in config.filter.steps]
         sources = sorted((inputs.upstream.path / DATA_DIR).glob("*.parquet"))
         shard_stats = run_filter(stage, sources, steps, config.filter.num_actors)
-        return Computed(merge_shard_stats(shard_stats, [step.name for step in steps]))
+        stats = merge_shard_stats(shard_stats, [step.name for step in steps])
+        return Computed({**stats, "recovery": {"shards_retried": retried_shards(stage)}})
 
     def finish(self, config: RunConfig, stage: StageDir, inputs: StageInputs, computed: Computed) -> Computed:
         funnel_png(computed.stats, stage.path / FUNNEL_PNG, f"filter funnel: {config.name}")

@@ -21,7 +21,7 @@ from dataprep.stage import StageDir, merge_counts
 from flows.common import injected_fault
 from flows.config import RunConfig
 from flows.stage import Computed, StageInputs, StageSpec, stage_flow
-from workers.ingest import run_ingest_units
+from workers.ingest import retried_units, run_ingest_units
 
 
 class IngestStage(StageSpec):
@@ -53,7 +53,8 @@ class IngestStage(StageSpec):
 
         results = run_ingest_units(stage, units, config.ingest, max_retries=config.ray.task_max_retries,
                                    fault=injected_fault(self.name), on_progress=progress)
-        return Computed(ingest_stats(results), {"units": results})
+        recovery = {"units_retried": retried_units(stage)}  # reruns: Ray after a lost worker, or a stage rerun
+        return Computed({**ingest_stats(results), "recovery": recovery}, {"units": results})
 
     def outputs(self, config: RunConfig, stage: StageDir, computed: Computed) -> dict[str, Any]:
         return {"data": _output_summary(stage, DATA_DIR, DOCUMENT_SCHEMA),

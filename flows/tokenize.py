@@ -22,6 +22,7 @@ from flows.stage import Computed, StageInputs, StageResult, StageSpec, stage_flo
 from workers.tokenize import (
     STREAMS_DIR,
     pack_task,
+    retried_shards,
     tokenize_shard_task,
     train_tokenizer_task,
 )
@@ -94,7 +95,7 @@ class TokenizeStage(StageSpec):
         index = {"seq_len": settings.seq_len, "vocab_size": vocab_size, "eot_id": eot_id,
                  "eot_token": settings.eot_token, "dtype": "uint16" if vocab_size <= 2**16 else "uint32", **packed}
         write_index(stage.path / TOKENS_DIR, index)
-        return Computed(tokenize_stats(index))
+        return Computed({**tokenize_stats(index), "recovery": {"shards_retried": retried_shards(stream_dir)}})
 
     def finish(self, config: RunConfig, stage: StageDir, inputs: StageInputs, computed: Computed) -> Computed:
         shutil.rmtree(stage.path / STREAMS_DIR, ignore_errors=True)

@@ -34,7 +34,8 @@ class FilterActor:
 
     def filter(self, source: str) -> dict[str, Any]:
         """One shard (a call retried on a restarted actor, after its node died, is counted: `retried_shards`)."""
-        attempt(shard_target(self.stage, Path(source)))
+        if self.stage.finished_unit(Path(source).stem) is None:  # a finished shard is only read back
+            attempt(shard_target(self.stage, Path(source)))
         return filter_shard(self.stage, Path(source), self.steps, self.resources)
 
 

@@ -22,8 +22,10 @@ def ingest_file_task(
 ) -> dict[str, Any]:
     """Ray task: ingest one file into the stage directory and return its (small) stats dict. A retry (its worker
     or node died) resumes after the unit's published shards and is counted (`retried_units`)."""
-    attempt(unit_target(Path(stage_path), unit))
-    return run_ingest_unit(StageDir(Path(stage_path)), unit, settings, fault)
+    stage = StageDir(Path(stage_path))
+    if stage.finished_unit(unit.name) is None:  # a finished unit is only read back, not rerun
+        attempt(unit_target(stage.path, unit))
+    return run_ingest_unit(stage, unit, settings, fault)
 
 
 def unit_target(stage_path: Path, unit: IngestUnit) -> Path:
