@@ -26,7 +26,7 @@ from dataprep.stage import CHECKPOINTS_DIR, TOKENIZER_DIR, StageDir, file_digest
 from flows.common import injected_fault, publish_artifact
 from flows.config import RunConfig
 from flows.pretrain import run_trainer
-from flows.stage import Computed, StageInputs, StageResult, StageSpec, stage_flow
+from flows.stage import Computed, NotYetKnown, StageInputs, StageResult, StageSpec, stage_flow
 from workers.checkpoint import latest_checkpoint, read_state, step_dir
 from workers.finetune_config import FINETUNE_OPERATIONAL_FIELDS, FinetuneJob
 from workers.finetune_data import ADAPTER_DIR
@@ -55,6 +55,8 @@ def base_checkpoint(config: RunConfig, pretrain: StageDir) -> Path:
     chosen = config.finetune.checkpoint
     found = latest_checkpoint(root) if chosen is None else step_dir(root, chosen)
     if found is None or not (found / "train_state.json").is_file():
+        if not pretrain.is_complete():
+            raise NotYetKnown("the pretrain checkpoint finetuning starts from")
         raise ValueError(f"finetune.checkpoint {chosen if chosen is not None else 'latest'}: no such complete "
                          f"checkpoint in {root}")
     return found
