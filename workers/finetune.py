@@ -172,6 +172,7 @@ def train(job: FinetuneJob, report: Reporter | None = None) -> dict[str, Any]:
     settings = job.config
     ctx = init_distributed(settings.use_gpu, settings.cpus_per_worker)
     out = Path(job.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     train_rows, val_rows = load_rows(Path(job.data_dir) / "train.npz"), load_rows(Path(job.data_dir) / "val.npz")
     plan = BatchPlan(len(train_rows), settings.micro_batch * ctx.world, settings.seed)
     model = build(job, ctx.device)
