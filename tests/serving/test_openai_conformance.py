@@ -60,10 +60,13 @@ def test_chat_bodies_are_the_reference_types(client: httpx.Client) -> None:  # n
 
 def test_models_and_errors_are_the_reference_shapes(client: httpx.Client) -> None:  # noqa: F811
     listing = client.get("/v1/models").json()
-    assert listing["object"] == "list" and [Model.model_validate(m).id for m in listing["data"]] == ["tiny"]
+    assert listing["object"] == "list"
+    assert [Model.model_validate(m).id for m in listing["data"]] == ["tiny", "tiny-a", "tiny-b"]  # base + adapters
     error = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": -1})
     assert error.status_code == 400
     assert set(error.json()["error"]) == {"message", "type", "param", "code"}
+    missing = client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_text_offset_counts_characters_not_byte_token_names(client: httpx.Client) -> None:  # noqa: F811
