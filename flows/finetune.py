@@ -16,20 +16,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import ray
 
 from dataprep.evaluate.curves import loss_curve_png, read_metrics
 from dataprep.finetune.report import comparison_markdown, comparison_png
+from dataprep.ingest.inputs import file_fingerprint
 from dataprep.shards import atomic_write_json
 from dataprep.stage import CHECKPOINTS_DIR, TOKENIZER_DIR, StageDir, file_digest
 from flows.common import injected_fault, publish_artifact
 from flows.config import RunConfig
-from flows.pretrain import run_trainer
+from flows.pretrain import run_trainer, steady_mean
 from flows.stage import Computed, NotYetKnown, StageInputs, StageResult, StageSpec, stage_flow
 from workers.checkpoint import latest_checkpoint, read_state, step_dir
 from workers.finetune_config import FINETUNE_OPERATIONAL_FIELDS, FinetuneJob
 from workers.finetune_data import ADAPTER_DIR
+from workers.pretrain import read_resumes
 
 DATA_DIR = "_data"
 COMPARISON = "comparison.json"
@@ -39,14 +40,12 @@ METRICS = "metrics.jsonl"
 
 
 def data_fingerprint(location: str) -> str:
-    """Content digest of a local file; for a URL, what the filesystem reports (etag / size / mtime)."""
+    """Content digest of a local file; for a URL, what the filesystem reports (`file_fingerprint`)."""
     if "://" not in location:
         if not Path(location).is_file():
             raise ValueError(f"finetune.data: no such file {location}")
         return file_digest(Path(location))
-    fs, path = fsspec.core.url_to_fs(location)
-    info = fs.info(path)
-    return str(info.get("ETag") or info.get("etag") or (info.get("size"), info.get("mtime")))
+    return file_fingerprint(location)
 
 
 def base_checkpoint(config: RunConfig, pretrain: StageDir) -> Path:
@@ -136,16 +135,13 @@ class FinetuneStage(StageSpec):
         comparison = json.loads((stage.path / COMPARISON).read_text())
         comparison_png(comparison, stage.path / COMPARISON_PNG, f"base vs tuned: {config.name}")
         last = rows[-1]
-        resumes = stage.path / "resumes.jsonl"
         stats = {**computed.stats["data"], "method": config.finetune.method, "steps": last["step"],
                  "trainable_parameters": last["trainable_parameters"], "parameters": last["parameters"],
                  "trainable_fraction": round(last["trainable_parameters"] / last["parameters"], 6),
                  "final_loss": round(last["loss"], 4), "final_val_loss": round(last["val_loss"], 4),
-                 "tokens_per_s": round(sum(r["tokens_per_s"] for r in rows[len(rows) // 5:]) /
-                                       max(1, len(rows[len(rows) // 5:])), 1),
+                 "tokens_per_s": round(steady_mean(rows, "tokens_per_s"), 1),
                  "peak_memory_mb": round(max(r["peak_memory_mb"] for r in rows), 1),
-                 "resumed_from_steps": [json.loads(line)["from_step"] for line in resumes.read_text().splitlines()]
-                 if resumes.is_file() else [],
+                 "resumed_from_steps": [record["from_step"] for record in read_resumes(stage.path)],
                  "comparison": {row["model"]: {k: round(row[k], 4) for k in ("held_out_loss", "exact_match", "chrf")}
                                 for row in comparison}}
         return Computed(stats, {**computed.manifest, "comparison": comparison})

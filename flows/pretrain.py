@@ -166,12 +166,17 @@ def export_task(checkpoint: str, tokenizer_dir: str, out_dir: str) -> str:
     return str(export_hf(Path(checkpoint), Path(tokenizer_dir), Path(out_dir)))
 
 
+def steady_mean(rows: list[dict[str, Any]], key: str) -> float:
+    """Mean of `key` over the rows after the first fifth (warm-up steps left out of throughput figures)."""
+    steady = rows[len(rows) // 5:] or rows
+    return sum(r[key] for r in steady) / len(steady)
+
+
 def pretrain_stats(stage: StageDir, model: ModelConfig, index: dict[str, Any]) -> dict[str, Any]:
     """Training totals: windows, checkpoints, parameters, steps, tokens, losses, throughput, memory."""
     rows = read_metrics(stage.path / METRICS_FILE)
     last = rows[-1]
     val_rows = [r for r in rows if r.get("val_loss") is not None]
-    steady = rows[len(rows) // 5:] or rows  # skip warm-up steps in the throughput figure
     return {
         "train_windows": index["splits"]["train"]["windows"],
         "checkpoints": len(complete_checkpoints(stage.path / CHECKPOINTS_DIR)),
@@ -179,10 +184,10 @@ def pretrain_stats(stage: StageDir, model: ModelConfig, index: dict[str, Any]) -
         "final_loss": round(last["loss"], 4),
         "final_val_loss": round(val_rows[-1]["val_loss"], 4) if val_rows else None,
         "unigram_val_loss": round(index["unigram_val_loss"], 4),
-        "tokens_per_s": round(sum(r["tokens_per_s"] for r in steady) / len(steady), 1),
+        "tokens_per_s": round(steady_mean(rows, "tokens_per_s"), 1),
         "peak_memory_mb": round(max(r["peak_memory_mb"] for r in rows), 1),
         "resumed_from_steps": [record["from_step"] for record in read_resumes(stage.path)],
-        **({"mfu": round(sum(r["mfu"] for r in steady) / len(steady), 4)} if "mfu" in last else {}),
+        **({"mfu": round(steady_mean(rows, "mfu"), 4)} if "mfu" in last else {}),
     }
 
 

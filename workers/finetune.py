@@ -41,8 +41,10 @@ from workers.pretrain import (
     Context,
     Reporter,
     init_distributed,
+    keep_metrics_until,
     kill_at_fault_step,
     peak_memory_bytes,
+    record_resume,
     say,
     warmup_cosine,
 )
@@ -159,11 +161,9 @@ def _resume(job: FinetuneJob, model: nn.Module, optimizer: torch.optim.Optimizer
     check_compatible(latest, job.model)
     state = load_checkpoint(latest, model, optimizer, restore_rng=True, trainable_only=job.config.method == "lora")
     scheduler.load_state_dict(state["scheduler"])
-    if Path(job.out_dir, METRICS_FILE).is_file() and dist.get_rank() == 0:
-        kept = [line for line in Path(job.out_dir, METRICS_FILE).read_text().splitlines()
-                if line and json.loads(line)["step"] <= state["step"]]
-        Path(job.out_dir, METRICS_FILE).write_text("".join(line + "\n" for line in kept))
-        _append(Path(job.out_dir) / "resumes.jsonl", {"from_step": state["step"], "checkpoint": latest.name})
+    if dist.get_rank() == 0:
+        keep_metrics_until(Path(job.out_dir) / METRICS_FILE, state["step"])
+        record_resume(Path(job.out_dir), state["step"], latest)
     return int(state["step"])
 
 

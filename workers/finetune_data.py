@@ -96,10 +96,7 @@ def prepare_rows(config: dict[str, Any], tokenizer_dir: str, seq_len: int, out_d
 
 
 def _reasons(rejected: list[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in rejected:
-        counts[row["reason"]] = counts.get(row["reason"], 0) + 1
-    return dict(sorted(counts.items()))
+    return InstructionSet(rejected=rejected).rejected_by_reason
 
 
 def mean_answer_loss(model: torch.nn.Module, rows: PackedRows, micro: int = 8) -> float:

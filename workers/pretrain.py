@@ -193,7 +193,7 @@ def _progress(step: int, total: int, started: float, first: int) -> str:
     return f"[{bar}] {step}/{total} eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
 
 
-def _keep_metrics_until(path: Path, step: int) -> None:
+def keep_metrics_until(path: Path, step: int) -> None:
     """On resume: drop metric lines past the checkpoint, so the file reads as one uninterrupted run."""
     if not path.is_file():
         return
@@ -211,7 +211,7 @@ def say(line: str) -> None:
 RESUMES_FILE = "resumes.jsonl"
 
 
-def _record_resume(out: Path, step: int, checkpoint: Path) -> None:
+def record_resume(out: Path, step: int, checkpoint: Path) -> None:
     """One line per (re)start that resumed from a checkpoint: the evidence that recovery ran, and from where."""
     with open(out / RESUMES_FILE, "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"from_step": step, "checkpoint": checkpoint.name, "time": round(time.time(), 3)})
@@ -273,9 +273,9 @@ def train(job: TrainJob, report: Reporter | None = None) -> dict[str, Any]:
     metrics_path = out / METRICS_FILE
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _keep_metrics_until(metrics_path, start)
+        keep_metrics_until(metrics_path, start)
         if resume_from is not None:
-            _record_resume(out, start, resume_from)
+            record_resume(out, start, resume_from)
         counts = parameter_count(config)
         say(f"model: {counts['total']:,} parameters ({counts['non_embedding']:,} in matmuls); world {ctx.world} "
              f"on {ctx.device.type}; {'resuming from ' + str(resume_from) if resume_from else 'from scratch'}")

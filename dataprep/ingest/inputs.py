@@ -33,7 +33,8 @@ def _expand(pattern: str) -> list[str]:
     return [pattern] if fs.exists(path) else []
 
 
-def _fingerprint(uri: str) -> str:
+def file_fingerprint(uri: str) -> str:
+    """What the filesystem says identifies a file's version: its ukey, else size and ETag or mtime."""
     fs, path = url_to_fs(uri)
     try:
         return str(fs.ukey(path))
@@ -56,7 +57,7 @@ def resolve_inputs(patterns: list[str], fmt: str = "auto") -> list[InputFile]:
             file_format = detect_format(uri) if fmt == "auto" else fmt
         except ValueError as error:
             raise InputError(f"ingest.inputs: {error}") from None
-        files.append(InputFile(uri, file_format, _fingerprint(uri)))
+        files.append(InputFile(uri, file_format, file_fingerprint(uri)))
     return files
 
 
