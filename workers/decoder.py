@@ -78,6 +78,7 @@ def _onednn_linear() -> Any:
 
 
 ONEDNN_LINEAR = _onednn_linear()
+SDPA_MAX_ROWS = 8  # fp32 decode attention goes through SDPA up to this many rows (see `attention`)
 ONEDNN_MIN_WEIGHT = 2**20  # weights of fewer elements are faster through F.linear (MKL) on this CPU
 
 
@@ -97,11 +98,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               ) -> torch.Tensor:
     """Attention of q (B, H, T, D) over k/v (B, KV, S, D) with grouped heads (head h reads kv head h // (H/KV)).
 
-    One query per row on CPU (a decode step) is two batched matmuls with the softmax in fp32: PyTorch's CPU
-    SDPA takes a slow path for a single bf16 query. Everything else is `F.scaled_dot_product_attention`."""
+    `F.scaled_dot_product_attention`, except for one query per row on CPU (a decode step) in bf16, or in fp32
+    over more than `SDPA_MAX_ROWS` rows: there two batched matmuls with the softmax in fp32 were faster on this
+    CPU (torch 2.13: CPU SDPA takes a slow path for a single bf16 query; in fp32 it was 2-4x faster for 1-2 rows
+    in isolation and 4-5 % per whole decode step at 1-4 rows of the `small` shape, 13 % slower at 16 rows)."""
     rows, heads, queries, head_dim = q.shape
     kv_heads, span = k.shape[1], k.shape[2]
-    if q.device.type != "cpu" or queries != 1 or causal:
+    sdpa_fp32 = k.dtype == torch.float32 and rows <= SDPA_MAX_ROWS
+    if q.device.type != "cpu" or queries != 1 or causal or sdpa_fp32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               enable_gqa=kv_heads != heads)
     grouped = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)

@@ -1,7 +1,8 @@
 """Drill run in its own process by test_serve_replica_loss: an engine replica's process killed under load.
 
 A `ray.cluster_utils.Cluster` whose head runs Serve's controller, proxy and ingress (0-CPU actors) and two worker
-nodes of one CPU each, so the app's two engine replicas (`min_replicas: 2`, one CPU each) land one per node.
+nodes of one CPU each, so the app's two engine replicas (`min_replicas: 2`, one CPU each, a deployment of their
+own: `colocate: false`) land one per node.
 Clients keep sending greedy completions; one engine replica's process is killed with SIGKILL mid-load. The
 ingress reruns the generations that were on it on the other replica (`engine_retries`), Serve's controller
 replaces the dead replica. Prints one JSON line: the replicas' nodes before and after, every response's status,
@@ -76,7 +77,7 @@ def main(folder: str) -> None:
     port = 18000 + os.getpid() % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     serve.run(app_builder({"model": str(hf), "name": "tiny", "engine_cpus": 1, "min_replicas": 2, "max_replicas": 2,
-                           "access_log": False}), name="drill", route_prefix="/")
+                           "colocate": False, "access_log": False}), name="drill", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     reference = httpx.post(f"{base}/v1/completions", json=PAYLOAD, timeout=120).json()["choices"][0]["text"]
     before = engine_replicas()
