@@ -374,7 +374,8 @@ def compare_with_vllm(args: argparse.Namespace) -> None:
     if args.direct_ingress:  # read by Ray Serve's processes when they start (before ray.init here)
         direct_port = free_port()
         os.environ.update({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-                           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port)})
+                           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
+                           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + 100)})
     with tempfile.TemporaryDirectory() as work:
         metrics = versus_vllm(Path(work), args.presets, args.vs_vllm, ours_args, args.clients, args.served_requests,
                               args.served_tokens, args.repeat, tuple(args.vllm_args.split()), direct_port)

@@ -186,6 +186,9 @@ def serve(
     once: Annotated[bool, typer.Option("--once", help="answer one example request, then stop (the demo)")] = False,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (weights and KV cache)")] = "float32",
     engine_cpus: Annotated[float, typer.Option(help="CPUs per engine replica")] = 1.0,
+    colocate: Annotated[bool, typer.Option("--colocate/--separate-engine", help="the engine in each HTTP ingress "
+                                           "replica (measured faster), or a deployment of its own whose lost "
+                                           "replicas' requests are rerun")] = True,
     max_batch: Annotated[int, typer.Option(min=1, help="sequences decoded together per engine replica")] = 64,
     replicas: Annotated[int, typer.Option(min=1, help="autoscale the engine up to this many replicas")] = 1,
     engine_threads: Annotated[int | None, typer.Option(min=1, help="torch threads per engine replica "
@@ -223,7 +226,7 @@ def serve(
         model = Path(stages["pretrain"]["path"])
     target = model or Path(_run(pipeline_flow, cfg, "pretrain")["pretrain"]["path"])
     args: dict[str, Any] = {"model": str(target.resolve()), "dtype": dtype, "engine_cpus": engine_cpus,
-                            "adapters": adapters,
+                            "adapters": adapters, "colocate": colocate,
                             "max_batch": max_batch, "max_replicas": replicas, "request_timeout_s": timeout,
                             "engine_threads": engine_threads, "prefix_cache_mb": prefix_cache_mb,
                             "max_pending_requests": max_pending}

@@ -175,7 +175,7 @@ class EngineServer:
 
     async def stream(self, prompt: Prompt, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        request = self.core.submit(prompt, params, lambda kind, payload: events.put_nowait((kind, payload)))
+        request = self.core.submit(prompt, params, lambda kind, payload: events.put_nowait((kind, payload)), True)
         try:
             while True:
                 kind, payload = await events.get()
@@ -746,9 +746,10 @@ def app_builder(args: ServeArgs) -> Any:
     engine_args = {"model": str(Path(args.model).resolve()), "name": args.name, "max_batch": args.max_batch,
                    "dtype": args.dtype, "prefix_cache_mb": args.prefix_cache_mb, "threads": args.engine_threads,
                    "adapters": {name: str(Path(path).resolve()) for name, path in args.adapters.items()}}
-    scaling = {"autoscaling_config": {"min_replicas": args.min_replicas, "target_ongoing_requests": 16,
-                                      "max_replicas": max(args.min_replicas, args.max_replicas)},
-               "ray_actor_options": {"num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus}}
+    autoscaling = {"min_replicas": args.min_replicas, "target_ongoing_requests": 16,
+                   "max_replicas": max(args.min_replicas, args.max_replicas)}
+    scaling: dict[str, Any] = {"autoscaling_config": autoscaling,
+                               "ray_actor_options": {"num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus}}
     engine: Any = engine_args
     if not args.colocate:
         engine = serve.deployment(EngineServer, name="engine", max_ongoing_requests=args.max_ongoing_requests,
@@ -764,7 +765,7 @@ def app_builder(args: ServeArgs) -> Any:
     # the ingress takes every request up to its own admission limit (and health/metrics beside), so past the
     # limit a client gets 429 rather than waiting in Serve's proxy queue
     # colocated, the ingress replicas are the engine replicas (their CPUs, their autoscaling)
-    placement = scaling if args.colocate else {"ray_actor_options": {"num_cpus": 0}}
+    placement: dict[str, Any] = scaling if args.colocate else {"ray_actor_options": {"num_cpus": 0}}
     ingress = serve.deployment(OpenAIIngress, name="ingress", max_ongoing_requests=args.max_pending_requests + 64,
                                logging_config=logging, health_check_period_s=10, **placement)
     return ingress.bind(engine, args, retriever)  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ answers them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import subprocess
@@ -84,8 +85,12 @@ class EngineCore:
         self.outbox: list[tuple[int, str, Any]] = []
         self.lock = threading.Lock()  # a beam search emits from the engine's beam thread
 
-    def emitter(self, request_id: int) -> EventHandler:
+    def emitter(self, request_id: int, deltas: bool = True) -> EventHandler:
+        """The engine's event callback for one request: its final event (and its deltas when `deltas`: only a
+        stream reads them) into this step's batch."""
         def emit(kind: str, payload: Any) -> None:
+            if kind == "delta" and not deltas:
+                return
             if kind == "done":
                 payload = result_dict(self.engine, payload)
             elif kind == "error":
@@ -99,10 +104,10 @@ class EngineCore:
     def handle(self, command: tuple[Any, ...]) -> None:
         kind, ident = command[0], command[1]
         if kind == "submit":
-            prompt, params = command[2], command[3]
+            prompt, params, stream = command[2], command[3], command[4]
             try:
                 ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
-                self.requests[ident] = self.engine.submit(ids, SamplingParams(**params), self.emitter(ident))
+                self.requests[ident] = self.engine.submit(ids, SamplingParams(**params), self.emitter(ident, stream))
             except Exception as error:  # a bad request (RequestError) goes back to its caller
                 self.emitter(ident)("error", error)
         elif kind == "abort":
@@ -201,12 +206,16 @@ class EngineProcess:
         while True:
             try:
                 batch = self.events.recv()
-            except (EOFError, OSError):
-                if self.loop is not None:
-                    self.loop.call_soon_threadsafe(self._fail_all)
+            except (EOFError, OSError):  # the engine process exited: its requests fail now, not at a timeout
+                self._call_on_loop(self._fail_all)
                 return
-            assert self.loop is not None  # events only answer commands, sent from the loop
-            self.loop.call_soon_threadsafe(self._dispatch, batch)
+            self._call_on_loop(self._dispatch, batch)
+
+    def _call_on_loop(self, function: Callable[..., None], *args: Any) -> None:
+        """Run `function(*args)` on the loop the commands came from (none left to tell once it closed)."""
+        if self.loop is not None and not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed between the check and the call
+                self.loop.call_soon_threadsafe(function, *args)
 
     def _dispatch(self, batch: list[tuple[int, str, Any]]) -> None:
         for ident, kind, payload in batch:
@@ -229,10 +238,10 @@ class EngineProcess:
         self.commands.send((kind, ident, *args))
         return ident
 
-    def submit(self, prompt: Prompt, params: dict[str, Any], on_event: EventHandler) -> int:
-        """Queue a generation; `on_event(kind, payload)` gets its deltas, then `done` (the result dict) or
-        `error`, on the event loop this is called from."""
-        return self._send("submit", on_event, prompt, params)
+    def submit(self, prompt: Prompt, params: dict[str, Any], on_event: EventHandler, stream: bool = False) -> int:
+        """Queue a generation; `on_event(kind, payload)` gets its deltas (only when `stream`), then `done` (the
+        result dict) or `error`, on the event loop this is called from."""
+        return self._send("submit", on_event, prompt, params, stream)
 
     def abort(self, ident: int) -> None:
         """Free the request's row if it is still running (a no-op once it finished)."""
