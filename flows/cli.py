@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -201,6 +202,10 @@ def serve(
                                       "(/v1/retrieve, /v1/rag/completions)")] = False,
     adapter: Annotated[list[str] | None, typer.Option(help="NAME=PATH: serve a PEFT LoRA adapter as model NAME "
                                                       "(repeatable; default: this run's finetune adapter)")] = None,
+    throughput_optimized: Annotated[bool, typer.Option("--throughput-optimized", help="local mode: Ray Serve's "
+                                                       "high-throughput mode; each replica also answers on its own "
+                                                       "127.0.0.1 port (PORT+1, ...) without the proxy's hop")]
+    = False,
     address: AddressOpt = None,
     local: LocalOpt = False,
 ) -> None:
@@ -217,6 +222,13 @@ def serve(
     cfg = _load(config, address, local)
     if cfg.ray.address is None:  # local mode serves on this machine's loopback
         _run(_check_port, port)
+    if throughput_optimized:
+        if cfg.ray.address is not None:
+            raise typer.BadParameter("--throughput-optimized starts Ray with it; on a cluster set "
+                                     "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the cluster's environment")
+        from flows.deploy import throughput_optimized_env
+
+        os.environ.update(throughput_optimized_env(port))  # before anything starts Ray
     if model is not None:
         _run(_check_model, model)
     adapters = _run(_adapter_options, adapter or [])
@@ -237,6 +249,8 @@ def serve(
         args["rag_max_k"] = cfg.rag.max_k
     result = _run(deploy_flow, cfg, args, port, True)
     typer.echo(f"serving {target} at {result['url']} (OpenAI API: {result['url']}/v1, docs: {result['url']}/docs)")
+    if "direct_url" in result:
+        typer.echo(f"direct ingress (first replica, no proxy hop): {result['direct_url']}/v1")
     typer.echo(f"$ {result['curl']}")
     typer.echo(json.dumps(result["answer"], indent=2))
     if once:

@@ -39,11 +39,12 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
 
 from dataprep.errors import FieldError
@@ -261,6 +262,16 @@ class LocalEngine:
         return _LocalMethod(getattr(self.server, name))
 
 
+class Guarded:
+    """ASGI middleware that runs every request through `guard(scope, receive, send, app)`."""
+
+    def __init__(self, app: ASGIApp, guard: Callable[..., Awaitable[None]]) -> None:
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.guard(scope, receive, send, self.app)
+
+
 @serve.ingress()
 class OpenAIIngress:
     """The HTTP API over the engine deployment: OpenAI-compatible routes, auth, metrics."""
@@ -277,7 +288,7 @@ class OpenAIIngress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = FastAPI(title="forgeline", description="OpenAI-compatible completions over a forgeline model")
-        app.middleware("http")(self.guard)
+        app.add_middleware(Guarded, guard=self.guard)
         app.add_exception_handler(RequestValidationError, self.invalid)  # type: ignore[arg-type]
         app.add_exception_handler(StarletteHTTPException, self.http_error)  # type: ignore[arg-type]
         routes: list[tuple[str, str, Callable[..., Awaitable[Any]]]] = [
@@ -292,20 +303,33 @@ class OpenAIIngress:
         return app
 
     # ---- plumbing shared by every route
-    async def guard(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        """API key on /v1/ and tokenizer routes (compared in constant time); request count and latency."""
-        started, path = time.time(), request.url.path
+    async def guard(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
+        """API key on /v1/ and tokenizer routes (compared in constant time); request count and latency (to the
+        response's end). Plain ASGI: Starlette's `BaseHTTPMiddleware` passes every response through a memory
+        stream, a measurable cost per request."""
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        started, path, status = time.time(), scope["path"], 500
         protected = "/v1/" in path or path.endswith(("/tokenize", "/detokenize"))
-        offered = request.headers.get("authorization", "")
-        if self.api_key and protected and not hmac.compare_digest(offered.encode(),
-                                                                  f"Bearer {self.api_key}".encode()):
-            response: Response = api_error(401, "missing or invalid API key (Authorization: Bearer ...)", None,
-                                           "authentication_error")
-        else:
-            response = await call_next(request)
-        self.telemetry.requests.labels(path, str(response.status_code)).inc()
-        self.telemetry.latency.labels(path).observe(time.time() - started)
-        return response
+        if self.api_key and protected:
+            offered = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+            if not hmac.compare_digest(offered, f"Bearer {self.api_key}".encode()):
+                refusal = api_error(401, "missing or invalid API key (Authorization: Bearer ...)", None,
+                                    "authentication_error")
+                app = refusal  # answers every request it is given with the 401
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_noting_status)
+        finally:
+            self.telemetry.requests.labels(path, str(status)).inc()
+            self.telemetry.latency.labels(path).observe(time.time() - started)
 
     async def http_error(self, _: Request, error: StarletteHTTPException) -> JSONResponse:
         """404, 405, ...: OpenAI-style bodies too."""

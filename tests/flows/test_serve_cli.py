@@ -1,5 +1,7 @@
 """`forgeline serve` through the installed console script: it starts (Ray, Serve, the deploy flow), answers a
-request, and on SIGTERM stops cleanly with exit code 0, leaving no process of its session and no open port."""
+request, and on SIGTERM stops cleanly with exit code 0, leaving no process of its session (the engine's own
+process included) and no open port. Started `--throughput-optimized`, the replica's direct-ingress URL it prints
+answers too."""
 
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ def test_serve_starts_answers_and_stops_cleanly_on_sigterm(model_dir: Path, tmp_
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "PREFECT_API_URL"))}
     env["FORGELINE_HOME"] = str(tmp_path / "home")
     server = subprocess.Popen(
-        [str(FORGELINE), "serve", str(config), "--model", str(model_dir), "--port", str(port), "--engine-cpus", "0.5"],
+        [str(FORGELINE), "serve", str(config), "--model", str(model_dir), "--port", str(port), "--engine-cpus", "0.5",
+         "--throughput-optimized"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(iter(server.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
@@ -56,17 +59,21 @@ def test_serve_starts_answers_and_stops_cleanly_on_sigterm(model_dir: Path, tmp_
             assert time.monotonic() < deadline, "".join(output)
             time.sleep(0.5)
         assert any(f"http://127.0.0.1:{port}" in line for line in output)
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                            json={"model": "clitest", "prompt": "the cat", "max_tokens": 4, "temperature": 0})
-        assert answer.status_code == 200, answer.text
-        assert answer.json()["usage"]["completion_tokens"] == 4
+        direct = f"http://127.0.0.1:{port + 1}"
+        assert any(f"direct ingress (first replica, no proxy hop): {direct}/v1" in line for line in output), output
+        for base in (f"http://127.0.0.1:{port}", direct):
+            answer = httpx.post(f"{base}/v1/completions", timeout=60,
+                                json={"model": "clitest", "prompt": "the cat", "max_tokens": 4, "temperature": 0})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["usage"]["completion_tokens"] == 4
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=90) == 0, "".join(output[-30:])
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+    for closed in (port, port + 1):
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{closed}/v1/models", timeout=5)
     deadline = time.monotonic() + 30
     while (left := session_processes(server.pid)) and time.monotonic() < deadline:
         time.sleep(1)
