@@ -3,8 +3,8 @@ process beside its API server).
 
 In one process, the engine's scheduler thread and the replica's request handling (HTTP, Ray calls, asyncio)
 take turns on one interpreter lock: measured on 2 cores, a `small` step at one client took 7.1 ms in the replica
-against 5.8 ms alone, and at 64 clients of the demo model 8.9 ms for 45 rows against 7.7 ms for 64 alone. Here the engine process does nothing but steps; the replica process receives requests and
-answers them.
+against 5.8 ms alone, and at 64 clients of the demo model 8.9 ms for 45 rows against 7.7 ms for 64 alone.
+Here the engine process does nothing but steps; the replica process receives requests and answers them.
 
 - `EngineProcess` (replica side) starts `python -m serving.engine_process` with two pipes: commands in (submit,
   abort, calls of `info`/`stats`), events out. A reader thread takes each batch of events (one message per engine
