@@ -9,34 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from dataprep.tokenize.tokenizer import save_tokenizer, train_bpe
 from serving.app import EngineServer, engine_payload
 from serving.engine import Engine
 from serving.sampling import RequestError, SamplingParams
-from workers.checkpoint import save_checkpoint
-from workers.export import export_hf
-from workers.model import Transformer
-from workers.model_config import ModelConfig
-
-CONFIG = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=512)
-TEXT = "the cat sat on the mat. a dog ran in the park. the sun is hot and the sky is blue."
+from tests.serving.test_http import model_dir  # noqa: F401  (the tiny exported model fixture)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("engine-process")
-    model = Transformer(CONFIG)
-    model.init_weights(3)
-    checkpoint = save_checkpoint(root / "ckpt", 1, model, torch.optim.AdamW(model.parameters()),
-                                 {"model": CONFIG.to_dict()}, keep_last=1)
-    save_tokenizer(train_bpe([TEXT] * 20, 300), root / "tok")
-    return export_hf(checkpoint, root / "tok", root / "hf")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir: Path) -> EngineServer:
+def server(model_dir: Path) -> EngineServer:  # noqa: F811
     return EngineServer(str(model_dir), name="tiny", max_batch=8, threads=1)
 
 
@@ -44,7 +25,7 @@ def params(**values: Any) -> dict[str, Any]:
     return engine_payload(SamplingParams(**values))
 
 
-def test_outputs_equal_the_engine_in_this_process(server: EngineServer, model_dir: Path) -> None:
+def test_outputs_equal_the_engine_in_this_process(server: EngineServer, model_dir: Path) -> None:  # noqa: F811
     jobs = [("the cat", params(max_tokens=12, temperature=0, ignore_eos=True)),
             ("a dog ran", params(max_tokens=9, temperature=0.8, seed=7, ignore_eos=True)),
             ("the sun", params(max_tokens=15, temperature=1.0, top_k=20, seed=3, ignore_eos=True))]
@@ -78,7 +59,7 @@ def test_stream_deltas_add_up_to_the_text(server: EngineServer) -> None:
 
 def test_a_bad_request_is_answered_with_its_field(server: EngineServer) -> None:
     with pytest.raises(RequestError) as raised:
-        asyncio.run(server.generate([1, 2, 3], params(max_tokens=600)))
+        asyncio.run(server.generate([1, 2, 3], params(max_tokens=5000)))  # past the 4,096-token context
     assert raised.value.param == "max_tokens"
     with pytest.raises(RequestError) as raised:
         asyncio.run(server.generate([1, 299 + 5], params(max_tokens=4)))
@@ -105,12 +86,12 @@ def test_a_cancelled_request_leaves_the_batch(server: EngineServer) -> None:
     assert stats["running"] == 0 and stats["waiting"] == 0
 
 
-def test_a_failed_start_raises_its_reason(model_dir: Path, tmp_path: Path) -> None:
+def test_a_failed_start_raises_its_reason(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     with pytest.raises(Exception, match="adapter_config.json|no such file|not found|No such file"):
         EngineServer(str(model_dir), name="tiny", adapters={"broken": str(tmp_path / "missing")})
 
 
-def test_a_dead_engine_process_fails_requests_and_the_health_check(model_dir: Path) -> None:
+def test_a_dead_engine_process_fails_requests_and_the_health_check(model_dir: Path) -> None:  # noqa: F811
     doomed = EngineServer(str(model_dir), name="tiny", max_batch=2, threads=1)
     doomed.check_health()
 
