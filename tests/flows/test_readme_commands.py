@@ -47,7 +47,8 @@ def test_every_listed_command_and_option_exists_with_help() -> None:
     for name, options in listed:
         command = group.commands.get(name)
         assert command is not None, f"README lists `forgeline {name}`, which does not exist"
-        taken = {flag for param in command.params for flag in getattr(param, "opts", [])}
+        taken = {flag for param in command.params  # a boolean pair's off switch (--no-x) counts too
+                 for flag in [*getattr(param, "opts", []), *getattr(param, "secondary_opts", [])]}
         assert options <= taken, f"`forgeline {name}`: README shows {sorted(options - taken)}, not accepted"
         for param in command.params:
             if param.param_type_name == "option" and param.name != "help":
