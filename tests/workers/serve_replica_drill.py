@@ -38,8 +38,11 @@ from workers.export import export_hf  # noqa: E402
 from workers.model import Transformer  # noqa: E402
 from workers.model_config import ModelConfig  # noqa: E402
 
-CLIENTS = 4
-PAYLOAD = {"model": "tiny", "prompt": "the cat sat", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+# enough clients and tokens that both replicas hold generations at any instant (the engine runs in a process of
+# its own and finishes a 200-token request of this model in a fraction of a second: with 4 clients the victim was
+# sometimes caught between requests, and nothing was left to rerun)
+CLIENTS = 8
+PAYLOAD = {"model": "tiny", "prompt": "the cat sat", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
 
 
 def tiny_model(root: Path) -> Path:
@@ -62,7 +65,8 @@ def load(base: str, statuses: list[int], stop: threading.Event) -> None:
     with httpx.Client(base_url=base, timeout=120) as http:
         while not stop.is_set():
             response = http.post("/v1/completions", json=PAYLOAD)
-            complete = response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 200
+            answered = response.status_code == 200
+            complete = answered and response.json()["usage"]["completion_tokens"] == PAYLOAD["max_tokens"]
             statuses.append(response.status_code if complete or response.status_code != 200 else -1)
 
 
