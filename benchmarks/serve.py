@@ -378,10 +378,10 @@ def compare_with_vllm(args: argparse.Namespace) -> None:
     ours_args = {"max_batch": 64, "engine_cpus": 1, "max_ongoing_requests": 128, **json.loads(args.ours)}
     direct_port = None
     if args.direct_ingress:  # read by Ray Serve's processes when they start (before ray.init here)
+        from flows.deploy import throughput_optimized_env
+
         direct_port = free_port()
-        os.environ.update({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-                           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
-                           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + 100)})
+        os.environ.update(throughput_optimized_env(direct_port - 1))  # replica ports from direct_port
     with tempfile.TemporaryDirectory() as work:
         metrics = versus_vllm(Path(work), args.presets, args.vs_vllm, ours_args, args.clients, args.served_requests,
                               args.served_tokens, args.repeat, tuple(args.vllm_args.split()), direct_port)

@@ -28,7 +28,6 @@ disconnected or timed out) aborts its engine request, freeing the batch row.
 import asyncio
 import dataclasses
 import hmac
-import inspect
 import json
 import os
 import time
@@ -232,20 +231,14 @@ def chat_chunk(index: int, event: dict[str, Any], first: bool) -> dict[str, Any]
 
 
 class _LocalMethod:
-    """`engine.method.remote(...)` for an engine in this process: a coroutine or async generator, as awaiting
-    or iterating a deployment handle's response gives."""
+    """`engine.method.remote(...)` for an engine in this process: the method's coroutine or async generator
+    (`EngineServer`'s methods the ingress calls are all async), as awaiting or iterating a handle's response gives."""
 
     def __init__(self, method: Callable[..., Any]) -> None:
         self.method = method
 
     def remote(self, *args: Any) -> Any:
-        result = self.method(*args)
-        if inspect.iscoroutine(result) or inspect.isasyncgen(result):
-            return result
-
-        async def value() -> Any:
-            return result
-        return value()
+        return self.method(*args)
 
 
 class LocalEngine:
@@ -315,9 +308,8 @@ class OpenAIIngress:
         if self.api_key and protected:
             offered = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
             if not hmac.compare_digest(offered, f"Bearer {self.api_key}".encode()):
-                refusal = api_error(401, "missing or invalid API key (Authorization: Bearer ...)", None,
-                                    "authentication_error")
-                app = refusal  # answers every request it is given with the 401
+                app = api_error(401, "missing or invalid API key (Authorization: Bearer ...)", None,
+                                "authentication_error")  # a response answers the request it is given
 
         async def send_noting_status(message: Message) -> None:
             nonlocal status
