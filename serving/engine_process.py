@@ -69,8 +69,9 @@ def portable(error: BaseException) -> BaseException:
 
 
 def load_engine(model: str, name: str, max_batch: int, dtype: str, prefix_cache_mb: float,
-                adapters: dict[str, str]) -> Engine:
-    engine = Engine.load(Path(model), name=name, max_batch=max_batch, dtype=dtype, prefix_cache_mb=prefix_cache_mb)
+                adapters: dict[str, str], threads: int | None = None) -> Engine:
+    engine = Engine.load(Path(model), name=name, max_batch=max_batch, dtype=dtype, prefix_cache_mb=prefix_cache_mb,
+                         threads=threads)
     for adapter, directory in adapters.items():  # a mismatched adapter fails the start (AdapterError)
         engine.add_adapter(adapter, Path(directory))
     return engine
@@ -123,7 +124,8 @@ class EngineCore:
                 "vocab_size": tokenizer.get_vocab_size(), "eos_token": tokenizer.id_to_token(engine.eot_id),
                 "eos_token_id": engine.eot_id, "tokenizer_class": "PreTrainedTokenizerFast",
                 "tokenizer_json": tokenizer.to_str(), "stats": dict(engine.stats),
-                "torch_threads": torch.get_num_threads(), "dtype": str(engine.dtype).removeprefix("torch."),
+                "torch_threads": engine.threads or torch.get_num_threads(),
+                "dtype": str(engine.dtype).removeprefix("torch."),
                 "adapters": sorted(engine.adapters), "chat_template": engine.chat_template}
 
     def stats(self) -> dict[str, Any]:
@@ -163,10 +165,8 @@ def serve_engine(commands_fd: int, events_fd: int) -> None:
     """The engine process's main: options arrive as the first command."""
     commands, events = Connection(commands_fd, writable=False), Connection(events_fd, readable=False)
     options: dict[str, Any] = commands.recv()
-    if options.get("threads"):
-        torch.set_num_threads(options["threads"])
     try:
-        engine = load_engine(**{k: v for k, v in options.items() if k != "threads"})
+        engine = load_engine(**options)
     except Exception as error:
         events.send(("failed", portable(error)))
         return

@@ -78,7 +78,6 @@ def _onednn_linear() -> Any:
 
 
 ONEDNN_LINEAR = _onednn_linear()
-SDPA_MAX_ROWS = 8  # fp32 decode attention goes through SDPA up to this many rows (see `attention`)
 ONEDNN_MIN_WEIGHT = 2**20  # weights of fewer elements are faster through F.linear (MKL) on this CPU
 
 
@@ -96,16 +95,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, onednn: Any = ONEDNN_LINEAR) -
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
               ) -> torch.Tensor:
-    """Attention of q (B, H, T, D) over k/v (B, KV, S, D) with grouped heads (head h reads kv head h // (H/KV)).
+    """Attention of q (B, H, T, D) over k/v (B, KV, S, D) with grouped heads (head h reads kv head h // (H/KV));
+    `mask`: which keys each query sees (bool), or an additive bias (0 / -inf, `additive_mask`).
 
-    `F.scaled_dot_product_attention`, except for one query per row on CPU (a decode step) in bf16, or in fp32
-    over more than `SDPA_MAX_ROWS` rows: there two batched matmuls with the softmax in fp32 were faster on this
-    CPU (torch 2.13: CPU SDPA takes a slow path for a single bf16 query; in fp32 it was 2-4x faster for 1-2 rows
-    in isolation and 4-5 % per whole decode step at 1-4 rows of the `small` shape, 13 % slower at 16 rows)."""
+    `F.scaled_dot_product_attention`, except for one query per row on CPU (a decode step) in bf16: there two
+    batched matmuls with the softmax in fp32 were faster on this CPU (torch 2.13: CPU SDPA takes a slow path for a
+    single bf16 query). In fp32, SDPA with an additive mask took 126 µs per layer against 168 µs for the two
+    matmuls at 16 rows of the `small` shape on one thread, 72 against 151 µs on two, 265 against 305 µs at 64
+    rows on two (60 cached positions)."""
     rows, heads, queries, head_dim = q.shape
     kv_heads, span = k.shape[1], k.shape[2]
-    sdpa_fp32 = k.dtype == torch.float32 and rows <= SDPA_MAX_ROWS
-    if q.device.type != "cpu" or queries != 1 or causal or sdpa_fp32:
+    if q.device.type != "cpu" or queries != 1 or causal or k.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               enable_gqa=kv_heads != heads)
     grouped = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
@@ -118,6 +118,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         scores = scores.masked_fill(~mask.view(rows, 1, 1, span), float("-inf"))
     weights = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(weights, v).view(rows, heads, 1, head_dim)
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A bool mask as the additive bias SDPA takes (0 where a key is seen, -inf elsewhere), built once per step:
+    given a bool mask, SDPA would convert it in every layer. bf16 decode keeps the bool mask (`attention`)."""
+    if mask is None or mask.dtype != torch.bool or dtype != torch.float32:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -267,12 +275,12 @@ class Decoder:
         logits = self.logits(x[wanted]).float()  # sampling and argmax in fp32 (a bf16 argmax is ~5x slower on CPU)
         return (logits[:rows] if rows else None), [logits[span] for span in spans]
 
-    @staticmethod
-    def _mask(cache: KVStore, new: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
-        """(attention mask, is_causal): none needed for one query per row over equal lengths."""
+    def _mask(self, cache: KVStore, new: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """(attention mask, is_causal): none needed for one query per row over equal lengths; fp32 masks are
+        additive (`additive_mask`)."""
         length = cache.uniform_length()
         if length == 0:
             return None, True  # a fresh prefill: plain causal attention over the new block
         if new == 1 and length is not None:
             return None, False  # each row's single query sees every key of that row
-        return cache.attention_mask(new, device), False
+        return additive_mask(cache.attention_mask(new, device), self.dtype), False

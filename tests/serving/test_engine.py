@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -287,3 +289,44 @@ def test_safe_prefix_holds_back_partial_stops_and_utf8() -> None:
     assert safe_prefix("hello wor", ("world",)) == "hello "
     assert safe_prefix("abc\ufffd", ()) == "abc"
     assert safe_prefix("plain", ("xyz",)) == "plain"
+
+
+def test_a_large_step_runs_on_the_engines_threads_and_a_small_step_on_one() -> None:
+    """`threads`: a step whose tokens x parameters reach PARALLEL_MIN_WORK (here 4 prompts of 100 tokens, 4.5e7)
+    runs on 2 torch threads, the decode steps after it (4 rows, 4.5e5) on one; outputs equal the engine without
+    `threads`. Run on a thread of its own: OpenMP's thread count belongs to the thread that sets it."""
+    from serving.engine import PARALLEL_MIN_WORK
+
+    tokenizer = train_bpe([TEXT] * 20, 300)
+    model = Transformer(CONFIG)
+    model.init_weights(5)
+    prompts = [[(7 * i + j) % 250 + 1 for j in range(100)] for i in range(4)]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    outputs: dict[int | None, list[list[int]]] = {}
+    threads_seen: list[int] = []
+
+    def run(threads: int | None) -> None:
+        torch.set_num_threads(1)
+        engine = Engine(model, tokenizer, tokenizer.token_to_id(EOT_TOKEN), max_batch=4, threads=threads)
+        assert 400 * engine.parameter_count >= PARALLEL_MIN_WORK > 4 * engine.parameter_count
+        step = engine.decoder.mixed_step
+
+        def counted(*args: object, **kwargs: object) -> object:
+            threads_seen.append(torch.get_num_threads())
+            return step(*args, **kwargs)  # type: ignore[arg-type]
+
+        engine.decoder.mixed_step = counted  # type: ignore[method-assign]
+        requests = [engine.submit(prompt, params) for prompt in prompts]
+        engine.run_until_idle()
+        outputs[threads] = [request.output_ids for request in requests]
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, None):
+            worker = threading.Thread(target=run, args=(threads,))
+            worker.start()
+            worker.join()
+    finally:
+        torch.set_num_threads(before)  # MKL's count is process-wide
+    assert threads_seen == [2, 1, 1, 1] + [1, 1, 1, 1]  # prefill of the 4 prompts, then 3 decode steps; twice
+    assert outputs[2] == outputs[None] and all(len(output) == 4 for output in outputs[2])
