@@ -192,8 +192,10 @@ def serve(
                                            "replicas' requests are rerun")] = True,
     max_batch: Annotated[int, typer.Option(min=1, help="sequences decoded together per engine replica")] = 64,
     replicas: Annotated[int, typer.Option(min=1, help="autoscale the engine up to this many replicas")] = 1,
-    engine_threads: Annotated[int | None, typer.Option(min=1, help="torch threads per engine replica "
-                                                       "(default: its CPUs)")] = None,
+    engine_threads: Annotated[int | None, typer.Option(min=1, help="torch threads of an engine replica's large "
+                                                       "steps; small steps use one (default: local mode the "
+                                                       "machine's CPUs (Ray's num_cpus), a cluster its CPUs)")]
+    = None,
     prefix_cache_mb: Annotated[float, typer.Option(min=0, help="KV memory for shared prompt prefixes "
                                                    "(0: no prefix caching)")] = 256.0,
     max_pending: Annotated[int, typer.Option(min=1, help="requests held before answering 429")] = 256,
@@ -202,10 +204,10 @@ def serve(
                                       "(/v1/retrieve, /v1/rag/completions)")] = False,
     adapter: Annotated[list[str] | None, typer.Option(help="NAME=PATH: serve a PEFT LoRA adapter as model NAME "
                                                       "(repeatable; default: this run's finetune adapter)")] = None,
-    throughput_optimized: Annotated[bool, typer.Option("--throughput-optimized", help="local mode: Ray Serve's "
-                                                       "high-throughput mode; each replica also answers on its own "
-                                                       "127.0.0.1 port (PORT+1, ...) without the proxy's hop")]
-    = False,
+    throughput_optimized: Annotated[bool | None, typer.Option(
+        "--throughput-optimized/--proxy-only", help="Ray Serve's high-throughput mode (default in local mode): each "
+        "replica also answers on its own 127.0.0.1 port (PORT+1, ...) without the proxy's hop; --proxy-only: "
+        "requests through Serve's proxy only")] = None,
     address: AddressOpt = None,
     local: LocalOpt = False,
 ) -> None:
@@ -220,14 +222,20 @@ def serve(
     from flows.pipeline import pipeline_flow
 
     cfg = _load(config, address, local)
-    if cfg.ray.address is None:  # local mode serves on this machine's loopback
+    local_mode = cfg.ray.address is None
+    if local_mode:  # local mode serves on this machine's loopback
         _run(_check_port, port)
+    if throughput_optimized is None:
+        throughput_optimized = local_mode
+    if engine_threads is None and local_mode:  # the one compute-heavy process of a local server (measured: RESULTS)
+        engine_threads = cfg.ray.num_cpus or os.cpu_count() or 1
     if throughput_optimized:
-        if cfg.ray.address is not None:
+        if not local_mode:
             raise typer.BadParameter("--throughput-optimized starts Ray with it; on a cluster set "
                                      "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the cluster's environment")
         from flows.deploy import throughput_optimized_env
 
+        _run(_check_port, port + 1)  # the first replica's direct-ingress port
         os.environ.update(throughput_optimized_env(port))  # before anything starts Ray
     if model is not None:
         _run(_check_model, model)

@@ -96,8 +96,8 @@ class ServeArgs(BaseModel):
                            "no ingress-to-engine hop: measured faster, benchmarks/RESULTS.md); false: a separate "
                            "engine deployment, whose lost replicas' generations are rerun (engine_retries)")
     engine_cpus: float = Field(1.0, gt=0)
-    engine_threads: int | None = Field(None, ge=1, description="torch threads per engine replica (default: Ray's "
-                                       "OMP_NUM_THREADS, its whole CPUs)")
+    engine_threads: int | None = Field(None, ge=1, description="torch threads of an engine replica's large steps; "
+                                       "small steps run on one (default: Ray's OMP_NUM_THREADS, its whole CPUs)")
     engine_gpus: float = Field(0.0, ge=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     prefix_cache_mb: float = Field(256.0, ge=0, description="memory per engine replica for the KV of shared prompt "

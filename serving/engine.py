@@ -191,7 +191,9 @@ class Engine:
                  threads: int | None = None) -> None:
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device).eval()
-        self.decoder = Decoder(self.model)  # the one inference forward; `self.model` shares its weights
+        # the one inference forward (`self.model` shares its weights); on CPU with a oneDNN copy of each weight for
+        # batched steps (`workers.decoder.prepack`: 15-55 % faster products at 4-32 rows, twice the linear weights)
+        self.decoder = Decoder(self.model, prepacked=True)
         self.tokenizer, self.eot_id, self.name, self.max_batch = tokenizer, eot_id, name, max_batch
         self.config = model.config
         self.dtype = next(model.parameters()).dtype

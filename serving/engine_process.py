@@ -70,8 +70,9 @@ def portable(error: BaseException) -> BaseException:
 
 def load_engine(model: str, name: str, max_batch: int, dtype: str, prefix_cache_mb: float,
                 adapters: dict[str, str], threads: int | None = None) -> Engine:
+    # `threads` None: Ray's OMP_NUM_THREADS for the replica (its CPUs); small steps still run on one
     engine = Engine.load(Path(model), name=name, max_batch=max_batch, dtype=dtype, prefix_cache_mb=prefix_cache_mb,
-                         threads=threads)
+                         threads=threads or torch.get_num_threads())
     for adapter, directory in adapters.items():  # a mismatched adapter fails the start (AdapterError)
         engine.add_adapter(adapter, Path(directory))
     return engine
@@ -124,7 +125,7 @@ class EngineCore:
                 "vocab_size": tokenizer.get_vocab_size(), "eos_token": tokenizer.id_to_token(engine.eot_id),
                 "eos_token_id": engine.eot_id, "tokenizer_class": "PreTrainedTokenizerFast",
                 "tokenizer_json": tokenizer.to_str(), "stats": dict(engine.stats),
-                "torch_threads": engine.threads or torch.get_num_threads(),
+                "torch_threads": engine.threads,
                 "dtype": str(engine.dtype).removeprefix("torch."),
                 "adapters": sorted(engine.adapters), "chat_template": engine.chat_template}
 

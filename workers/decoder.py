@@ -24,7 +24,7 @@ The cache a call reads and extends is any `KVStore`: `workers.model.KVCache` (ro
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -47,6 +47,7 @@ class FusedLayer:
     mlp_norm: torch.Tensor
     gate_up: torch.Tensor  # (2 * ffn_dim, dim)
     down: torch.Tensor
+    packed: dict[str, torch.Tensor] = field(default_factory=dict)  # "qkv"/"o"/"gate_up"/"down" → `prepack`ed
 
 
 def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
@@ -78,14 +79,32 @@ def _onednn_linear() -> Any:
 
 
 ONEDNN_LINEAR = _onednn_linear()
+ONEDNN_REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if ONEDNN_LINEAR is not None else None
+PACKED_MIN_ROWS = 4  # products of this many rows or more use a weight's prepacked twin (see `prepack`)
+PACK_BATCH_HINT = 16  # the rows oneDNN lays a prepacked weight out for
 ONEDNN_MIN_WEIGHT = 2**20  # weights of fewer elements are faster through F.linear (MKL) on this CPU
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, onednn: Any = ONEDNN_LINEAR) -> torch.Tensor:
-    """`x @ weight.T`. On CPU in fp32, weights of 2^20 elements or more go through oneDNN when `onednn` (the
-    private op) is available: on this 2-core CPU (torch 2.13) it multiplied an 8,192 x 512 lm-head 1.3-1.9x faster
-    than `F.linear` at 1-64 rows, while `F.linear` was faster for small weights (128 x 512: 10 µs against 30 µs);
-    `benchmarks/serve.py` measures the end-to-end effect. Everything else is `F.linear`."""
+def prepack(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` reordered into oneDNN's blocked layout for products of about `PACK_BATCH_HINT` rows (a second copy
+    of it), or None off CPU, outside fp32 or without the op. Measured on this 2-core CPU (torch 2.13, the 24
+    products of one `small` step): at 4-32 rows 5-25 % faster than `F.linear` (MKL) on one thread and 15-55 %
+    on two (16 rows: 4.2 against 6.1 ms); at one row slower, so `linear` uses it from `PACKED_MIN_ROWS` rows."""
+    if ONEDNN_REORDER is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    return ONEDNN_REORDER(weight.contiguous(), PACK_BATCH_HINT)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, onednn: Any = ONEDNN_LINEAR, packed: torch.Tensor | None = None,
+           ) -> torch.Tensor:
+    """`x @ weight.T`. With `packed` (`prepack(weight)`), products of `PACKED_MIN_ROWS` rows or more use it. On
+    CPU in fp32, weights of 2^20 elements or more go through oneDNN when `onednn` (the private op) is available:
+    on this 2-core CPU (torch 2.13) it multiplied an 8,192 x 512 lm-head 1.3-1.9x faster than `F.linear` at 1-64
+    rows, while `F.linear` was faster for small weights (128 x 512: 10 µs against 30 µs); `benchmarks/serve.py`
+    measures the end-to-end effect. Everything else is `F.linear`."""
+    if packed is not None and x.numel() >= PACKED_MIN_ROWS * x.shape[-1]:
+        flat = ONEDNN_LINEAR(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
+        return flat.view(*x.shape[:-1], weight.shape[0])
     if (onednn is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.numel() >= ONEDNN_MIN_WEIGHT):
         flat = onednn(x.reshape(-1, x.shape[-1]), weight, None, "none", [], "")
@@ -143,7 +162,9 @@ def _heads_first(x: torch.Tensor, rows: int, new: int) -> torch.Tensor:
 class Decoder:
     """`decoder(tokens, cache)` → logits (B, T, V); `decoder.mixed_step(...)` for continuous batching."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, prepacked: bool = False) -> None:
+        """`prepacked`: also keep every linear weight in oneDNN's blocked layout (`prepack`; a second copy of those
+        weights, used for products of `PACKED_MIN_ROWS` rows or more): the serving engine's choice on CPU."""
         config = model.config
         self.config, self.eps = config, config.norm_eps
         self.q_dim, self.kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
@@ -153,6 +174,13 @@ class Decoder:
             self.layers = [_fused_layer(cast(Block, block)) for block in backbone.layers]
         self.embed, self.final_norm = backbone.embed_tokens.weight.detach(), backbone.norm.weight.detach()
         self.lm_head = model.lm_head.weight.detach()
+        self.lm_head_packed = None
+        if prepacked:
+            for layer in self.layers:
+                for name in ("qkv", "o", "gate_up", "down"):
+                    if (twin := prepack(getattr(layer, name))) is not None:
+                        layer.packed[name] = twin
+            self.lm_head_packed = prepack(self.lm_head)
         self.device, self.dtype = self.embed.device, self.embed.dtype
         cos, sin = rope_tables(config.head_dim, torch.arange(config.max_seq_len, device=self.device),
                                config.rope_theta)
@@ -175,7 +203,7 @@ class Decoder:
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (N, 1, D)
         x = F.embedding(tokens, self.embed)
         def project(inputs: torch.Tensor, weight: torch.Tensor, index: int, target: str) -> torch.Tensor:
-            out = linear(inputs, weight)
+            out = linear(inputs, weight, packed=self.layers[index].packed.get(target))
             return apply_lora(out, inputs, index, target, groups) if groups else out
 
         for index, layer in enumerate(self.layers):
@@ -191,7 +219,7 @@ class Decoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The lm-head over hidden states (…, dim)."""
-        return linear(rms_norm(hidden, self.final_norm, self.eps), self.lm_head)
+        return linear(rms_norm(hidden, self.final_norm, self.eps), self.lm_head, packed=self.lm_head_packed)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, cache: KVStore, adapter: LoraWeights | None = None) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """`forgeline serve` through the installed console script: it starts (Ray, Serve, the deploy flow), answers a
 request, and on SIGTERM stops cleanly with exit code 0, leaving no process of its session (the engine's own
-process included) and no open port. Started `--throughput-optimized`, the replica's direct-ingress URL it prints
-answers too."""
+process included) and no open port. In local mode it runs in Ray Serve's throughput-optimized mode by default: the
+replica's direct-ingress URL it prints answers too, and both HTTP ports listen on 127.0.0.1 only."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -38,6 +39,20 @@ def session_processes(session_id: int) -> list[str]:
     return found
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on `port` (from /proc/net/tcp and tcp6, where an address is
+    stored as 32-bit words in host (little-endian) order)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].split(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, len(address), 8))
+                found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
 def test_serve_starts_answers_and_stops_cleanly_on_sigterm(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     port = free_port()
     config = tmp_path / "serve.yaml"
@@ -46,8 +61,7 @@ def test_serve_starts_answers_and_stops_cleanly_on_sigterm(model_dir: Path, tmp_
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "PREFECT_API_URL"))}
     env["FORGELINE_HOME"] = str(tmp_path / "home")
     server = subprocess.Popen(
-        [str(FORGELINE), "serve", str(config), "--model", str(model_dir), "--port", str(port), "--engine-cpus", "0.5",
-         "--throughput-optimized"],
+        [str(FORGELINE), "serve", str(config), "--model", str(model_dir), "--port", str(port), "--engine-cpus", "0.5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(iter(server.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
@@ -61,6 +75,7 @@ def test_serve_starts_answers_and_stops_cleanly_on_sigterm(model_dir: Path, tmp_
         assert any(f"http://127.0.0.1:{port}" in line for line in output)
         direct = f"http://127.0.0.1:{port + 1}"
         assert any(f"direct ingress (first replica, no proxy hop): {direct}/v1" in line for line in output), output
+        assert listening_addresses(port) == {"127.0.0.1"} and listening_addresses(port + 1) == {"127.0.0.1"}
         for base in (f"http://127.0.0.1:{port}", direct):
             answer = httpx.post(f"{base}/v1/completions", timeout=60,
                                 json={"model": "clitest", "prompt": "the cat", "max_tokens": 4, "temperature": 0})

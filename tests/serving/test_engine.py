@@ -11,7 +11,7 @@ from dataprep.tokenize.tokenizer import EOT_TOKEN, train_bpe
 from serving.engine import Engine
 from serving.kv_cache import BatchKVCache
 from serving.sampling import RequestError, SamplingParams, safe_prefix
-from workers.decoder import ONEDNN_LINEAR, Decoder, attention, linear
+from workers.decoder import ONEDNN_LINEAR, Decoder, attention, linear, prepack
 from workers.model import KVCache, Transformer
 from workers.model_config import ModelConfig
 
@@ -130,14 +130,58 @@ def test_keep_rows_moves_the_last_rows_into_the_holes() -> None:
 @pytest.mark.parametrize("shape", [(1, 64), (3, 64), (4, 64), (16, 64), (2, 9, 64)])
 @pytest.mark.parametrize("outputs", [96, 2**20 // 64])
 def test_linear_paths_equal_f_linear(shape: tuple[int, ...], outputs: int) -> None:
-    """F.linear (small weights), oneDNN (2^20 elements or more, any leading shape) and the fallback without the
-    private oneDNN op: one result."""
+    """F.linear (small weights), oneDNN (2^20 elements or more, any leading shape), a prepacked weight (from
+    PACKED_MIN_ROWS rows) and the fallback without the private oneDNN op: one result."""
     assert ONEDNN_LINEAR is not None, "this CPU build of torch has the oneDNN linear op"
     generator = torch.Generator().manual_seed(1)
     x, weight = torch.randn(*shape, generator=generator), torch.randn(outputs, 64, generator=generator)
     expected = torch.nn.functional.linear(x, weight)
     assert torch.allclose(linear(x, weight), expected, atol=1e-5)
     assert torch.allclose(linear(x, weight, onednn=None), expected, atol=1e-5)
+    packed = prepack(weight)
+    assert packed is not None and packed.is_mkldnn
+    assert torch.allclose(linear(x, weight, packed=packed), expected, atol=1e-5)
+
+
+def test_prepacked_decoder_equals_recomputation_and_uses_the_packed_weights() -> None:
+    """`Decoder(model, prepacked=True)` (the engine's): a oneDNN twin of every linear weight, used by a step of 5
+    rows (and not by one of 1 row); logits equal full recomputation at every step, as the unpacked decoder's."""
+    model, reference, _ = fused_and_reference(13)
+    packed = Decoder(model, prepacked=True)
+    assert all(set(layer.packed) == {"qkv", "o", "gate_up", "down"} for layer in packed.layers)
+    assert packed.lm_head_packed is not None
+    calls: list[int] = []
+    original = ONEDNN_LINEAR
+
+    def counting(x: torch.Tensor, weight: torch.Tensor, *rest: object) -> torch.Tensor:
+        calls.append(int(weight.is_mkldnn))
+        return original(x, weight, *rest)
+
+    prompts = [[5, 9, 13, 200], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [40, 41], [99, 98, 97]]
+    cache = BatchKVCache(CONFIG, 64, torch.device("cpu"), torch.float32, max_rows=8)
+    _, first, caches = packed.mixed_step([], cache, prompts, [False] * 5)
+    sequences = [p + [int(logits[-1].argmax())] for p, logits in zip(prompts, first, strict=True)]
+    for own, prompt in zip(caches, prompts, strict=True):
+        cache.add_rows(own, [len(prompt)])
+    import workers.decoder as decoder_module
+
+    decoder_module.ONEDNN_LINEAR = counting
+    try:
+        for _ in range(6):
+            logits, _, _ = packed.mixed_step([s[-1] for s in sequences], cache, [], [])
+            assert logits is not None
+            for row, sequence in enumerate(sequences):
+                with torch.no_grad():
+                    full = reference(torch.tensor([sequence]))[0, -1]
+                assert torch.allclose(logits[row], full, atol=1e-5)
+                sequence.append(int(full.argmax()))
+        assert calls and all(calls)  # every product of the 5-row steps read a packed weight
+        calls.clear()
+        single = KVCache(CONFIG, 1, 8, torch.device("cpu"), torch.float32)
+        packed(torch.tensor([[3]]), single)
+        assert not any(calls)  # one row: the plain weights
+    finally:
+        decoder_module.ONEDNN_LINEAR = original
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
