@@ -82,15 +82,19 @@ ONEDNN_LINEAR = _onednn_linear()
 ONEDNN_REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if ONEDNN_LINEAR is not None else None
 PACKED_MIN_ROWS = 4  # products of this many rows or more use a weight's prepacked twin (see `prepack`)
 PACK_BATCH_HINT = 16  # the rows oneDNN lays a prepacked weight out for
+PACK_MIN_WEIGHT = 2**17  # smaller weights stay unpacked (see `prepack`)
 ONEDNN_MIN_WEIGHT = 2**20  # weights of fewer elements are faster through F.linear (MKL) on this CPU
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` reordered into oneDNN's blocked layout for products of about `PACK_BATCH_HINT` rows (a second copy
-    of it), or None off CPU, outside fp32 or without the op. Measured on this 2-core CPU (torch 2.13, the 24
-    products of one `small` step): at 4-32 rows 5-25 % faster than `F.linear` (MKL) on one thread and 15-55 %
-    on two (16 rows: 4.2 against 6.1 ms); at one row slower, so `linear` uses it from `PACKED_MIN_ROWS` rows."""
-    if ONEDNN_REORDER is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+    of it), or None off CPU, outside fp32, without the op or under `PACK_MIN_WEIGHT` elements. Measured on this
+    2-core CPU (torch 2.13), the 24 products of one `small` step (weights of 147 K-786 K elements): at 4-32 rows
+    5-25 % faster than `F.linear` (MKL) on one thread and 15-55 % on two (16 rows: 4.2 against 6.1 ms); at one
+    row slower, so `linear` uses it from `PACKED_MIN_ROWS` rows. The `tiny` shape's layer weights (16 K-98 K)
+    were slower packed (a 16-row step 3.2 against 2.8 ms), its 524 K lm-head not."""
+    if (ONEDNN_REORDER is None or weight.device.type != "cpu" or weight.dtype != torch.float32
+            or weight.numel() < PACK_MIN_WEIGHT):
         return None
     return ONEDNN_REORDER(weight.contiguous(), PACK_BATCH_HINT)
 

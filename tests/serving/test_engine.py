@@ -129,7 +129,7 @@ def test_keep_rows_moves_the_last_rows_into_the_holes() -> None:
 
 @pytest.mark.parametrize("shape", [(1, 64), (3, 64), (4, 64), (16, 64), (2, 9, 64)])
 @pytest.mark.parametrize("outputs", [96, 2**20 // 64])
-def test_linear_paths_equal_f_linear(shape: tuple[int, ...], outputs: int) -> None:
+def test_linear_paths_equal_f_linear(shape: tuple[int, ...], outputs: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """F.linear (small weights), oneDNN (2^20 elements or more, any leading shape), a prepacked weight (from
     PACKED_MIN_ROWS rows) and the fallback without the private oneDNN op: one result."""
     assert ONEDNN_LINEAR is not None, "this CPU build of torch has the oneDNN linear op"
@@ -138,15 +138,19 @@ def test_linear_paths_equal_f_linear(shape: tuple[int, ...], outputs: int) -> No
     expected = torch.nn.functional.linear(x, weight)
     assert torch.allclose(linear(x, weight), expected, atol=1e-5)
     assert torch.allclose(linear(x, weight, onednn=None), expected, atol=1e-5)
+    monkeypatch.setattr("workers.decoder.PACK_MIN_WEIGHT", 0)  # the test's weights are small
     packed = prepack(weight)
     assert packed is not None and packed.is_mkldnn
     assert torch.allclose(linear(x, weight, packed=packed), expected, atol=1e-5)
 
 
-def test_prepacked_decoder_equals_recomputation_and_uses_the_packed_weights() -> None:
-    """`Decoder(model, prepacked=True)` (the engine's): a oneDNN twin of every linear weight, used by a step of 5
-    rows (and not by one of 1 row); logits equal full recomputation at every step, as the unpacked decoder's."""
+def test_prepacked_decoder_equals_recomputation_and_uses_the_packed_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Decoder(model, prepacked=True)` (the engine's): a oneDNN twin of every linear weight (of PACK_MIN_WEIGHT
+    elements or more: none of the test model's are, so the threshold is lowered), used by a step of 5 rows (and
+    not by one of 1 row); logits equal full recomputation at every step, as the unpacked decoder's."""
     model, reference, _ = fused_and_reference(13)
+    assert Decoder(model, prepacked=True).lm_head_packed is None  # 19 K elements < PACK_MIN_WEIGHT
+    monkeypatch.setattr("workers.decoder.PACK_MIN_WEIGHT", 0)
     packed = Decoder(model, prepacked=True)
     assert all(set(layer.packed) == {"qkv", "o", "gate_up", "down"} for layer in packed.layers)
     assert packed.lm_head_packed is not None
