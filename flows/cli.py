@@ -194,7 +194,8 @@ def serve(
     replicas: Annotated[int, typer.Option(min=1, help="autoscale the engine up to this many replicas")] = 1,
     engine_threads: Annotated[int | None, typer.Option(min=1, help="torch threads of an engine replica's large "
                                                        "steps; small steps use one (default: local mode the "
-                                                       "machine's CPUs (Ray's num_cpus), a cluster its CPUs)")]
+                                                       "machine's CPUs (Ray's num_cpus; with --proxy-only the "
+                                                       "engine's CPUs), a cluster the engine's CPUs)")]
     = None,
     prefix_cache_mb: Annotated[float, typer.Option(min=0, help="KV memory for shared prompt prefixes "
                                                    "(0: no prefix caching)")] = 256.0,
@@ -227,7 +228,8 @@ def serve(
         _run(_check_port, port)
     if throughput_optimized is None:
         throughput_optimized = local_mode
-    if engine_threads is None and local_mode:  # the one compute-heavy process of a local server (measured: RESULTS)
+    if engine_threads is None and local_mode and throughput_optimized:
+        # the one compute-heavy process of a local server; through the proxy the proxy needs a core (RESULTS)
         engine_threads = cfg.ray.num_cpus or os.cpu_count() or 1
     if throughput_optimized:
         if not local_mode:

@@ -1,7 +1,8 @@
 """`forgeline serve` through the installed console script: it starts (Ray, Serve, the deploy flow), answers a
 request, and on SIGTERM stops cleanly with exit code 0, leaving no process of its session (the engine's own
 process included) and no open port. In local mode it runs in Ray Serve's throughput-optimized mode by default: the
-replica's direct-ingress URL it prints answers too, and both HTTP ports listen on 127.0.0.1 only."""
+replica's direct-ingress URL it prints answers too, both HTTP ports listen on 127.0.0.1 only, and the engine's large
+steps get the local Ray's 2 CPUs as torch threads."""
 
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ def test_serve_starts_answers_and_stops_cleanly_on_sigterm(model_dir: Path, tmp_
         direct = f"http://127.0.0.1:{port + 1}"
         assert any(f"direct ingress (first replica, no proxy hop): {direct}/v1" in line for line in output), output
         assert listening_addresses(port) == {"127.0.0.1"} and listening_addresses(port + 1) == {"127.0.0.1"}
+        assert httpx.get(f"{direct}/health", timeout=30).json()["torch_threads"] == 2  # local default: Ray's num_cpus
         for base in (f"http://127.0.0.1:{port}", direct):
             answer = httpx.post(f"{base}/v1/completions", timeout=60,
                                 json={"model": "clitest", "prompt": "the cat", "max_tokens": 4, "temperature": 0})
