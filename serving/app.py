@@ -99,6 +99,9 @@ class ServeArgs(BaseModel):
     engine_threads: int | None = Field(None, ge=1, description="torch threads of an engine replica's large steps; "
                                        "small steps run on one (default: Ray's OMP_NUM_THREADS, its whole CPUs)")
     engine_gpus: float = Field(0.0, ge=0)
+    engine_prepack: bool = Field(True, description="keep a oneDNN-blocked copy of each large fp32 weight for steps "
+                                 "of 4+ rows (CPU; faster products, twice those weights' memory: "
+                                 "workers.decoder.prepack)")
     dtype: Literal["float32", "bfloat16"] = "float32"
     prefix_cache_mb: float = Field(256.0, ge=0, description="memory per engine replica for the KV of shared prompt "
                                    "prefixes (automatic prefix caching); 0 turns it off")
@@ -149,10 +152,10 @@ class EngineServer:
 
     def __init__(self, model: str, name: str = "forgeline", max_batch: int = 64, dtype: str = "float32",
                  prefix_cache_mb: float = 0.0, threads: int | None = None, adapters: dict[str, str] | None = None,
-                 ) -> None:
+                 prepack: bool = True) -> None:
         self.core = EngineProcess({"model": model, "name": name, "max_batch": max_batch, "dtype": dtype,
                                    "prefix_cache_mb": prefix_cache_mb, "adapters": adapters or {},
-                                   "threads": threads})
+                                   "threads": threads, "prepack": prepack})
 
     async def info(self) -> dict[str, Any]:
         info: dict[str, Any] = await self.core.call("info")
@@ -761,6 +764,7 @@ def app_builder(args: ServeArgs) -> Any:
     logging = {"enable_access_log": args.access_log, "log_level": args.log_level}
     engine_args = {"model": str(Path(args.model).resolve()), "name": args.name, "max_batch": args.max_batch,
                    "dtype": args.dtype, "prefix_cache_mb": args.prefix_cache_mb, "threads": args.engine_threads,
+                   "prepack": args.engine_prepack,
                    "adapters": {name: str(Path(path).resolve()) for name, path in args.adapters.items()}}
     autoscaling = {"min_replicas": args.min_replicas, "target_ongoing_requests": 16,
                    "max_replicas": max(args.min_replicas, args.max_replicas)}

@@ -188,12 +188,13 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, eot_id: int, name: str = "forgeline",
                  max_batch: int = 16, device: torch.device | None = None, prefix_cache_mb: float = 0.0,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, prepacked: bool = True) -> None:
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device).eval()
-        # the one inference forward (`self.model` shares its weights); on CPU with a oneDNN copy of each weight for
-        # batched steps (`workers.decoder.prepack`: 15-55 % faster products at 4-32 rows, twice the linear weights)
-        self.decoder = Decoder(self.model, prepacked=True)
+        # the one inference forward (`self.model` shares its weights); `prepacked`: on CPU in fp32 with a oneDNN copy
+        # of each large weight for batched steps (`workers.decoder.prepack`: 5-55 % faster products at 4-32 rows,
+        # twice those weights' memory)
+        self.decoder = Decoder(self.model, prepacked=prepacked)
         self.tokenizer, self.eot_id, self.name, self.max_batch = tokenizer, eot_id, name, max_batch
         self.config = model.config
         self.dtype = next(model.parameters()).dtype
@@ -227,17 +228,18 @@ class Engine:
 
     @classmethod
     def load(cls, path: Path, name: str = "forgeline", max_batch: int = 16, dtype: str = "float32",
-             prefix_cache_mb: float = 0.0, threads: int | None = None) -> Engine:
+             prefix_cache_mb: float = 0.0, threads: int | None = None, prepacked: bool = True) -> Engine:
         """`dtype`: the weights' and KV cache's type, `float32` or `bfloat16` (norms and softmax stay fp32);
         `prefix_cache_mb`: memory for cached prompt-prefix blocks (0: no prefix caching); `threads`: torch threads
-        of a large step, in the thread that steps (`PARALLEL_MIN_WORK`)."""
+        of a large step, in the thread that steps (`PARALLEL_MIN_WORK`); `prepacked`: see `__init__`."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         model, tokenizer_dir = load_model(Path(path))
         tokenizer, eot_id = load_tokenizer(tokenizer_dir)
         digest = weights_digest(model)  # of the fp32 weights, before any cast
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        engine = cls(model.to(DTYPES[dtype]), tokenizer, eot_id, name, max_batch, device, prefix_cache_mb, threads)
+        engine = cls(model.to(DTYPES[dtype]), tokenizer, eot_id, name, max_batch, device, prefix_cache_mb, threads,
+                     prepacked)
         engine.base_digest = digest
         engine.chat_template = stored_chat_template(tokenizer_dir)
         return engine

@@ -69,10 +69,10 @@ def portable(error: BaseException) -> BaseException:
 
 
 def load_engine(model: str, name: str, max_batch: int, dtype: str, prefix_cache_mb: float,
-                adapters: dict[str, str], threads: int | None = None) -> Engine:
+                adapters: dict[str, str], threads: int | None = None, prepack: bool = True) -> Engine:
     # `threads` None: Ray's OMP_NUM_THREADS for the replica (its CPUs); small steps still run on one
     engine = Engine.load(Path(model), name=name, max_batch=max_batch, dtype=dtype, prefix_cache_mb=prefix_cache_mb,
-                         threads=threads or torch.get_num_threads())
+                         threads=threads or torch.get_num_threads(), prepacked=prepack)
     for adapter, directory in adapters.items():  # a mismatched adapter fails the start (AdapterError)
         engine.add_adapter(adapter, Path(directory))
     return engine

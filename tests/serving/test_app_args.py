@@ -12,6 +12,7 @@ def test_defaults_and_types() -> None:
     args = ServeArgs.model_validate({"model": "runs/x", "engine_cpus": "2", "dtype": "bfloat16"})
     assert (args.engine_cpus, args.dtype, args.max_batch, args.request_timeout_s) == (2.0, "bfloat16", 64, 60.0)
     assert (args.max_ongoing_requests, args.prefix_cache_mb, args.max_pending_requests) == (128, 256.0, 256)
+    assert (args.engine_threads, args.engine_prepack) == (None, True)
 
 
 @pytest.mark.parametrize(("args", "field"), [
