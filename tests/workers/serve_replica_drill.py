@@ -5,7 +5,8 @@ nodes of one CPU each, so the app's two engine replicas (`min_replicas: 2`, one 
 own: `colocate: false`) land one per node.
 Clients keep sending greedy completions; one engine replica's process is killed with SIGKILL mid-load. The
 ingress reruns the generations that were on it on the other replica (`engine_retries`), Serve's controller
-replaces the dead replica. Prints one JSON line: the replicas' nodes before and after, every response's status,
+replaces the dead replica. A victim caught with nothing in flight (no rerun counted) is followed by another kill,
+up to MAX_KILLS. Prints one JSON line: the replicas' nodes before and after, every response's status,
 how many generations were rerun, and whether a seeded request's output after recovery equals the one before.
 """
 
@@ -42,6 +43,7 @@ from workers.model_config import ModelConfig  # noqa: E402
 # its own and finishes a 200-token request of this model in a fraction of a second: with 4 clients the victim was
 # sometimes caught between requests, and nothing was left to rerun)
 CLIENTS = 8
+MAX_KILLS = 3  # replicas killed at most, one after another, until one held generations (see main)
 PAYLOAD = {"model": "tiny", "prompt": "the cat sat", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
 
 
@@ -59,6 +61,13 @@ def engine_replicas() -> list[dict[str, object]]:
     actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)
     return [{"id": a.actor_id, "node": a.node_id, "pid": a.pid} for a in actors
             if re.fullmatch(r"ServeReplica:drill:engine", a.class_name)]
+
+
+def rerun_count(base: str) -> float:
+    """The ingress's count of generations rerun because their engine replica died."""
+    metrics = httpx.get(f"{base}/metrics", timeout=30).text
+    found = re.search(r"^forgeline_engine_retries_total ([0-9.]+)$", metrics, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 def load(base: str, statuses: list[int], stop: threading.Event) -> None:
@@ -93,27 +102,31 @@ def main(folder: str) -> None:
     while len(statuses) < 8:
         time.sleep(0.05)
     served_before_kill = len(statuses)
-    victim = before[0]
-    os.kill(int(victim["pid"]), signal.SIGKILL)  # every node runs on this machine: its process is local
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        after = engine_replicas()
-        if len(after) == 2 and victim["id"] not in {a["id"] for a in after}:
+    victims: list[str] = []
+    for _ in range(MAX_KILLS):  # a replica caught between requests holds nothing to rerun: then kill again
+        retried_before = rerun_count(base)
+        victim = engine_replicas()[0]
+        victims.append(str(victim["id"]))
+        os.kill(int(victim["pid"]), signal.SIGKILL)  # every node runs on this machine: its process is local
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            after = engine_replicas()
+            if len(after) == 2 and victim["id"] not in {a["id"] for a in after}:
+                break
+            time.sleep(0.5)
+        recovered_at = len(statuses)
+        while len(statuses) < recovered_at + 8:
+            time.sleep(0.05)
+        if rerun_count(base) > retried_before:
             break
-        time.sleep(0.5)
-    recovered_at = len(statuses)
-    while len(statuses) < recovered_at + 8:
-        time.sleep(0.05)
     stop.set()
     for client in clients:
         client.join()
-    metrics = httpx.get(f"{base}/metrics").text
-    retried = re.search(r"^forgeline_engine_retries_total ([0-9.]+)$", metrics, re.MULTILINE)
     again = httpx.post(f"{base}/v1/completions", json=PAYLOAD, timeout=120).json()["choices"][0]["text"]
     print(json.dumps({
-        "worker_nodes": sorted(workers), "before": before, "after": engine_replicas(), "victim": victim["id"],
+        "worker_nodes": sorted(workers), "before": before, "after": engine_replicas(), "victims": victims,
         "statuses": statuses, "served_before_kill": served_before_kill, "recovered_at": recovered_at,
-        "retried": float(retried.group(1)) if retried else 0.0, "same_output": again == reference}))
+        "retried": rerun_count(base), "same_output": again == reference}))
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
