@@ -55,15 +55,18 @@ from workers.decoder import Decoder
 from workers.export import weights_digest
 from workers.lora import AdapterError, LoraWeights
 from workers.model import KVCache, Transformer
-from workers.model_config import ModelConfig
+from workers.model_config import ModelConfig, parameter_count
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PARALLEL_MIN_WORK = 2**25
 """A step runs on all of the engine's `threads` when its tokens x the model's parameters reach this, and on one
-thread below it. Measured on this 2-core CPU (torch 2.13, fp32, one decode step of 16 rows of the `small` shape,
-15.7 M parameters): 2 threads 10.1 ms against 13.3 ms, 64 rows 22.9 against 36.4 ms, 8 rows 8.0 against 10.5 ms,
-but 1-2 rows 5-10 % slower (waking the second thread for each small op costs more than the split saves); the
-`tiny` shape (1.3 M) gained 10 % at 16 rows and 43 % at 64, nothing at 8."""
+thread below it. Measured on this 2-core CPU (torch 2.13, fp32, prepacked weights, decode steps of the `small`
+shape, 15.7 M parameters), alone: 2 threads against 1 took 4.6-5.1 against 5.1-5.5 ms at 1 row, 7.6 against
+9.1 ms at 2, 5.9 against 7.7 ms at 4, 7.2 against 9.4 ms at 8, 10.1 against 13.3 ms at 16. Served, next to the
+replica and Ray's processes, the 1-row gain was gone (one client through direct ingress, 12 runs each way:
+median 171 tok/s on 2 threads against 174 on one, both 145-185: a step on 2 threads waits for whichever of
+them the OS preempts), so small steps (1-2 rows of `small`) stay on one thread. The `tiny` shape (1.3 M)
+gained nothing at 1-4 rows alone, 18 % at 8 (2.3 against 2.8 ms), 10 % at 16 and 43 % at 64."""
 
 
 @dataclass
@@ -212,7 +215,7 @@ class Engine:
         self.base_digest: str | None = None  # `workers.export.weights_digest` of the base (set by `load`)
         self.chat_template = CHAT_TEMPLATE
         self.threads = threads  # torch threads of a large step (`PARALLEL_MIN_WORK`); None: leave torch's setting
-        self.parameter_count = sum(p.numel() for p in model.parameters())
+        self.parameter_count = parameter_count(self.config)["total"]
 
     def add_adapter(self, name: str, directory: Path) -> LoraWeights:
         """Load a PEFT LoRA adapter to serve as model `name`; refused (AdapterError) when it was trained on
@@ -389,16 +392,14 @@ class Engine:
                 request.done.set()
                 request.emit("error", error)
 
-    def step_threads(self, tokens: int) -> int:
-        """The torch threads for a step over `tokens` tokens: all of `threads` for a large step, else one."""
-        if not self.threads or tokens * self.parameter_count < PARALLEL_MIN_WORK:
-            return 1
-        return self.threads
-
     def _use_threads(self, tokens: int) -> None:
-        """Set the stepping thread's torch threads for a step of `tokens` tokens (OpenMP's count is per thread,
-        so this is called from the thread that runs the step; a change only when the step's size crosses over)."""
-        if self.threads and (wanted := self.step_threads(tokens)) != torch.get_num_threads():
+        """With `threads`: set the stepping thread's torch threads for a step of `tokens` tokens, all of `threads`
+        from `PARALLEL_MIN_WORK` on, else one (OpenMP's count is per thread, so this is called from the thread that
+        runs the step; a change only when the step's size crosses over)."""
+        if not self.threads:
+            return
+        wanted = self.threads if tokens * self.parameter_count >= PARALLEL_MIN_WORK else 1
+        if wanted != torch.get_num_threads():
             torch.set_num_threads(wanted)
 
     @torch.no_grad()

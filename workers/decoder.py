@@ -80,7 +80,7 @@ def _onednn_linear() -> Any:
 
 ONEDNN_LINEAR = _onednn_linear()
 ONEDNN_REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if ONEDNN_LINEAR is not None else None
-PACKED_MIN_ROWS = 4  # products of this many rows or more use a weight's prepacked twin (see `prepack`)
+PACKED_MIN_ROWS = 2  # products of this many rows or more use a weight's prepacked twin (see `prepack`)
 PACK_BATCH_HINT = 16  # the rows oneDNN lays a prepacked weight out for
 PACK_MIN_WEIGHT = 2**17  # smaller weights stay unpacked (see `prepack`)
 ONEDNN_MIN_WEIGHT = 2**20  # weights of fewer elements are faster through F.linear (MKL) on this CPU
@@ -89,9 +89,12 @@ ONEDNN_MIN_WEIGHT = 2**20  # weights of fewer elements are faster through F.line
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` reordered into oneDNN's blocked layout for products of about `PACK_BATCH_HINT` rows (a second copy
     of it), or None off CPU, outside fp32, without the op or under `PACK_MIN_WEIGHT` elements. Measured on this
-    2-core CPU (torch 2.13), the 24 products of one `small` step (weights of 147 K-786 K elements): at 4-32 rows
-    5-25 % faster than `F.linear` (MKL) on one thread and 15-55 % on two (16 rows: 4.2 against 6.1 ms); at one
-    row slower, so `linear` uses it from `PACKED_MIN_ROWS` rows. The `tiny` shape's layer weights (16 K-98 K)
+    2-core CPU (torch 2.13), the 24 products of one `small` step and its lm-head (weights of 147 K-3.1 M
+    elements): at 2-3 rows 4.2-4.7 ms against 7.4-9.0 ms through `F.linear` (MKL) on one thread and 2.8-3.2
+    against 7.9-9.9 ms on two; at 4-32 rows 5-25 % faster on one thread and 15-55 % on two (16 rows: 4.2 against
+    6.1 ms). At one row MKL's product is faster on one thread (3.6-3.7 against 4.5 ms) but does not split over
+    two, where the packed one does (2.6 against 3.6 ms): `linear` uses the packed weight from `PACKED_MIN_ROWS`
+    rows, and at one row when running on more than one thread. The `tiny` shape's layer weights (16 K-98 K)
     were slower packed (a 16-row step 3.2 against 2.8 ms), its 524 K lm-head not."""
     if (ONEDNN_REORDER is None or weight.device.type != "cpu" or weight.dtype != torch.float32
             or weight.numel() < PACK_MIN_WEIGHT):
@@ -101,12 +104,13 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, onednn: Any = ONEDNN_LINEAR, packed: torch.Tensor | None = None,
            ) -> torch.Tensor:
-    """`x @ weight.T`. With `packed` (`prepack(weight)`), products of `PACKED_MIN_ROWS` rows or more use it. On
+    """`x @ weight.T`. With `packed` (`prepack(weight)`), products of `PACKED_MIN_ROWS` rows or more use it, and
+    every product while torch runs on more than one thread (see `prepack`). On
     CPU in fp32, weights of 2^20 elements or more go through oneDNN when `onednn` (the private op) is available:
     on this 2-core CPU (torch 2.13) it multiplied an 8,192 x 512 lm-head 1.3-1.9x faster than `F.linear` at 1-64
     rows, while `F.linear` was faster for small weights (128 x 512: 10 µs against 30 µs); `benchmarks/serve.py`
     measures the end-to-end effect. Everything else is `F.linear`."""
-    if packed is not None and x.numel() >= PACKED_MIN_ROWS * x.shape[-1]:
+    if packed is not None and (x.numel() >= PACKED_MIN_ROWS * x.shape[-1] or torch.get_num_threads() > 1):
         flat = ONEDNN_LINEAR(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
         return flat.view(*x.shape[:-1], weight.shape[0])
     if (onednn is not None and x.device.type == "cpu" and x.dtype == torch.float32

@@ -146,9 +146,11 @@ def test_linear_paths_equal_f_linear(shape: tuple[int, ...], outputs: int, monke
 
 def test_prepacked_decoder_equals_recomputation_and_uses_the_packed_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     """`Decoder(model, prepacked=True)` (the engine's): a oneDNN twin of every linear weight (of PACK_MIN_WEIGHT
-    elements or more: none of the test model's are, so the threshold is lowered), used by a step of 5 rows (and
-    not by one of 1 row); logits equal full recomputation at every step, as the unpacked decoder's."""
+    elements or more: none of the test model's are, so the threshold is lowered), used by steps of 5 and 2 rows, by
+    a step of 1 row on 2 threads but not on one; logits equal full recomputation at every step, as the unpacked
+    decoder's."""
     model, reference, _ = fused_and_reference(13)
+    threads_before = torch.get_num_threads()
     assert Decoder(model, prepacked=True).lm_head_packed is None  # 19 K elements < PACK_MIN_WEIGHT
     monkeypatch.setattr("workers.decoder.PACK_MIN_WEIGHT", 0)
     packed = Decoder(model, prepacked=True)
@@ -181,11 +183,20 @@ def test_prepacked_decoder_equals_recomputation_and_uses_the_packed_weights(monk
                 sequence.append(int(full.argmax()))
         assert calls and all(calls)  # every product of the 5-row steps read a packed weight
         calls.clear()
-        single = KVCache(CONFIG, 1, 8, torch.device("cpu"), torch.float32)
-        packed(torch.tensor([[3]]), single)
-        assert not any(calls)  # one row: the plain weights
+        for threads, expected in ((1, False), (2, True)):  # one row: the packed weights only on 2 threads
+            torch.set_num_threads(threads)
+            single = KVCache(CONFIG, 1, 8, torch.device("cpu"), torch.float32)
+            one_row = packed(torch.tensor([[3]]), single)
+            assert len(calls) == (9 if expected else 0) and all(calls), (threads, calls)  # 2 layers x 4 + head
+            assert torch.allclose(one_row[0, -1], reference(torch.tensor([[3]]))[0, -1], atol=1e-5)
+            calls.clear()
+        pair = KVCache(CONFIG, 2, 8, torch.device("cpu"), torch.float32)
+        torch.set_num_threads(1)
+        packed(torch.tensor([[3], [4]]), pair)
+        assert calls and all(calls)  # from PACKED_MIN_ROWS (2) rows on one thread
     finally:
         decoder_module.ONEDNN_LINEAR = original
+        torch.set_num_threads(threads_before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
