@@ -199,6 +199,9 @@ def serve(
     = None,
     prefix_cache_mb: Annotated[float, typer.Option(min=0, help="KV memory for shared prompt prefixes "
                                                    "(0: no prefix caching)")] = 256.0,
+    engine_allocator: Annotated[str, typer.Option(help="the engine process's allocator: auto (TCMalloc where the "
+                                                  "system has it), system (malloc), or a library's absolute path")]
+    = "auto",
     max_pending: Annotated[int, typer.Option(min=1, help="requests held before answering 429")] = 256,
     timeout: Annotated[float, typer.Option(help="seconds before a request answers 408")] = 60.0,
     rag: Annotated[bool, typer.Option("--rag", help="also serve retrieval over this run's rag index "
@@ -251,6 +254,7 @@ def serve(
                             "adapters": adapters, "colocate": colocate,
                             "max_batch": max_batch, "max_replicas": replicas, "request_timeout_s": timeout,
                             "engine_threads": engine_threads, "prefix_cache_mb": prefix_cache_mb,
+                            "engine_allocator": engine_allocator,
                             "max_pending_requests": max_pending}
     if rag:
         args["rag"] = _run(pipeline_flow, cfg, "rag")["rag"]["path"]

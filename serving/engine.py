@@ -58,15 +58,15 @@ from workers.model import KVCache, Transformer
 from workers.model_config import ModelConfig, parameter_count
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-PARALLEL_MIN_WORK = 2**25
+PARALLEL_MIN_WORK = 2**23
 """A step runs on all of the engine's `threads` when its tokens x the model's parameters reach this, and on one
 thread below it. Measured on this 2-core CPU (torch 2.13, fp32, prepacked weights, decode steps of the `small`
-shape, 15.7 M parameters), alone: 2 threads against 1 took 4.6-5.1 against 5.1-5.5 ms at 1 row, 7.6 against
-9.1 ms at 2, 5.9 against 7.7 ms at 4, 7.2 against 9.4 ms at 8, 10.1 against 13.3 ms at 16. Served, next to the
-replica and Ray's processes, the 1-row gain was gone (one client through direct ingress, 12 runs each way:
-median 171 tok/s on 2 threads against 174 on one, both 145-185: a step on 2 threads waits for whichever of
-them the OS preempts), so small steps (1-2 rows of `small`) stay on one thread. The `tiny` shape (1.3 M)
-gained nothing at 1-4 rows alone, 18 % at 8 (2.3 against 2.8 ms), 10 % at 16 and 43 % at 64."""
+shape, 15.7 M parameters), alone: 2 threads against 1 took 4.5-5.1 against 5.0-5.5 ms at 1 row, 7.6 against
+9.1 ms at 2, 5.9 against 7.7 ms at 4, 7.2 against 9.4 ms at 8, 10.1 against 13.3 ms at 16. Served (one client,
+direct ingress, the engine process beside the replica and Ray's processes): with TCMalloc (`engine_allocator`)
+2 threads at one row gave 197-221 tok/s against 180-204 on one thread with glibc's malloc; with glibc's malloc 2
+threads gained nothing (171 against 174 tok/s medians of 12 runs). The `tiny` shape (1.3 M) gained nothing at
+1-4 rows alone, 18 % at 8 (2.3 against 2.8 ms), 10 % at 16 and 43 % at 64."""
 
 
 @dataclass

@@ -9,6 +9,9 @@ Here the engine process does nothing but steps; the replica process receives req
 - `EngineProcess` (replica side) starts `python -m serving.engine_process` with two pipes: commands in (submit,
   abort, calls of `info`/`stats`), events out. A reader thread takes each batch of events (one message per engine
   step, not one per token or request) and hands it to the replica's event loop in one call.
+- The engine process starts with TCMalloc preloaded where the system has it (`allocator_library`), as vLLM's CPU
+  guide prescribes for its engine: per-step temporaries then come from per-thread caches instead of glibc's
+  malloc (measured: `benchmarks/RESULTS.md`).
 - `serve_engine` (engine side) loads the model, answers `ready` (or `failed` with the reason, e.g. an adapter
   that does not fit), then loops: take the commands waiting, run one step, send that step's events. A request's
   finished result crosses as plain data (`result_dict`). The process exits when the replica's end of a pipe
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes.util
 import itertools
 import os
 import subprocess
@@ -38,6 +42,34 @@ from serving.sampling import SamplingParams
 Prompt = str | list[int]
 EventHandler = Callable[[str, Any], None]
 FINAL_EVENTS = ("done", "error", "reply")
+TCMALLOC_NAMES = ("tcmalloc_minimal", "tcmalloc")  # Debian/Ubuntu libtcmalloc-minimal4, gperftools
+
+
+def allocator_library(setting: str) -> str | None:
+    """The library the engine process preloads as its allocator (`LD_PRELOAD`) for `ServeArgs.engine_allocator`:
+    "auto": TCMalloc where the system has it (Linux; else None), "system": None (the C library's malloc), anything
+    else a path to a shared library, which must exist (ValueError naming the field)."""
+    if setting == "system":
+        return None
+    if setting == "auto":
+        if sys.platform != "linux":
+            return None
+        return next((found for name in TCMALLOC_NAMES if (found := ctypes.util.find_library(name))), None)
+    if not Path(setting).is_file():
+        raise ValueError(f"engine_allocator: no shared library at {setting!r} (or 'auto', 'system')")
+    return setting
+
+
+def preloaded_libraries() -> list[str]:
+    """The files of this process's `LD_PRELOAD` entries that are mapped into it (what the loader really loaded)."""
+    wanted = {Path(entry).name for entry in os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":") if entry}
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    mapped = {line.split(None, 5)[5] for line in maps if len(line.split(None, 5)) == 6}
+    return sorted(path for path in mapped if Path(path).name in wanted or any(
+        Path(path).name.startswith(name + ".") for name in wanted))
 
 
 def result_dict(engine: Engine, request: EngineRequest) -> dict[str, Any]:
@@ -125,7 +157,7 @@ class EngineCore:
                 "vocab_size": tokenizer.get_vocab_size(), "eos_token": tokenizer.id_to_token(engine.eot_id),
                 "eos_token_id": engine.eot_id, "tokenizer_class": "PreTrainedTokenizerFast",
                 "tokenizer_json": tokenizer.to_str(), "stats": dict(engine.stats),
-                "torch_threads": engine.threads,
+                "torch_threads": engine.threads, "preloaded": preloaded_libraries(),
                 "dtype": str(engine.dtype).removeprefix("torch."),
                 "adapters": sorted(engine.adapters), "chat_template": engine.chat_template}
 
@@ -179,10 +211,13 @@ class EngineProcess:
     """The replica side: starts the engine process and routes its events to each request's handler on the
     replica's event loop."""
 
-    def __init__(self, options: dict[str, Any], start_timeout_s: float = 900.0) -> None:
+    def __init__(self, options: dict[str, Any], start_timeout_s: float = 900.0, preload: str | None = None) -> None:
+        """`preload`: a library the engine process starts with (`allocator_library`)."""
         commands_read, commands_write = os.pipe()
         events_read, events_write = os.pipe()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        if preload:
+            env["LD_PRELOAD"] = ":".join(entry for entry in (preload, env.get("LD_PRELOAD")) if entry)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "serving.engine_process", str(commands_read), str(events_write)],
             pass_fds=(commands_read, events_write), env=env)

@@ -12,7 +12,14 @@ def test_defaults_and_types() -> None:
     args = ServeArgs.model_validate({"model": "runs/x", "engine_cpus": "2", "dtype": "bfloat16"})
     assert (args.engine_cpus, args.dtype, args.max_batch, args.request_timeout_s) == (2.0, "bfloat16", 64, 60.0)
     assert (args.max_ongoing_requests, args.prefix_cache_mb, args.max_pending_requests) == (128, 256.0, 256)
-    assert (args.engine_threads, args.engine_prepack) == (None, True)
+    assert (args.engine_threads, args.engine_prepack, args.engine_allocator) == (None, True, "auto")
+
+
+@pytest.mark.parametrize("allocator", ["libtcmalloc.so", "tcmalloc", ""])
+def test_an_engine_allocator_that_is_no_setting_or_absolute_path_names_the_field(allocator: str) -> None:
+    with pytest.raises(ValidationError, match="engine_allocator"):
+        ServeArgs.model_validate({"model": "m", "engine_allocator": allocator})
+    assert ServeArgs.model_validate({"model": "m", "engine_allocator": "/usr/lib/libx.so"}).engine_allocator
 
 
 @pytest.mark.parametrize(("args", "field"), [

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from serving.app import EngineServer, engine_payload
 from serving.engine import Engine
+from serving.engine_process import TCMALLOC_NAMES, allocator_library
 from serving.sampling import RequestError, SamplingParams
 from tests.serving.test_http import model_dir  # noqa: F401  (the tiny exported model fixture)
 
@@ -108,3 +110,30 @@ def test_a_dead_engine_process_fails_requests_and_the_health_check(model_dir: Pa
         doomed.check_health()
     with pytest.raises(RuntimeError, match="engine process exited"):
         asyncio.run(doomed.generate("the cat", params(max_tokens=4)))
+
+
+def test_allocator_settings() -> None:
+    import ctypes.util
+
+    assert allocator_library("system") is None
+    found = [library for name in TCMALLOC_NAMES if (library := ctypes.util.find_library(name))]
+    assert allocator_library("auto") == (found[0] if found else None)
+    torch_gomp = str(Path(torch.__file__).parent / "lib" / "libgomp.so.1")
+    assert allocator_library(torch_gomp) == torch_gomp
+    with pytest.raises(ValueError, match="engine_allocator"):
+        allocator_library("/no/such/libtcmalloc.so")
+
+
+def test_the_engine_process_starts_with_its_allocator_preloaded(
+        server: EngineServer, model_dir: Path) -> None:  # noqa: F811
+    """"auto" (the module's server): TCMalloc mapped into the engine process exactly when this system has it; an
+    explicit library (torch's own OpenMP runtime, present everywhere) mapped from its path."""
+    preloaded = asyncio.run(server.info())["preloaded"]
+    assert [Path(path).name.startswith("libtcmalloc") for path in preloaded] == (
+        [True] if allocator_library("auto") else [])
+    torch_gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    explicit = EngineServer(str(model_dir), name="tiny", max_batch=2, threads=1, allocator=str(torch_gomp))
+    try:
+        assert [Path(path).resolve() for path in asyncio.run(explicit.info())["preloaded"]] == [torch_gomp.resolve()]
+    finally:
+        explicit.core.close()
