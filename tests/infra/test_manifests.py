@@ -446,6 +446,8 @@ def test_dockerfile_installs_what_the_makefile_installs() -> None:
     runs = [line.strip()[4:] for line in logical if line.strip().startswith("RUN ")]
     assert pip_installs(runs) == makefile_installs()
     assert "pip install '.[s3]'" in text
+    apt_installs = [line for line in logical if "apt-get install" in line]
+    assert apt_installs and "libtcmalloc-minimal4" in apt_installs[0], "the engine's allocator (engine_allocator)"
     users = [line.split()[1] for line in logical if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0"), "the image runs as a non-root user"
     copies = [line.split()[1:-1] for line in logical if line.startswith("COPY ")]
