@@ -235,6 +235,7 @@ class EngineProcess:
         self.handlers: dict[int, EventHandler] = {}
         self.ids = itertools.count()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.exited = threading.Event()  # its events pipe closed: the process is gone (or going) even before reaped
         self.reader = threading.Thread(target=self._read, name="forgeline-engine-events", daemon=True)
         self.reader.start()
 
@@ -243,6 +244,7 @@ class EngineProcess:
             try:
                 batch = self.events.recv()
             except (EOFError, OSError):  # the engine process exited: its requests fail now, not at a timeout
+                self.exited.set()
                 self._call_on_loop(self._fail_all)
                 return
             self._call_on_loop(self._dispatch, batch)
@@ -296,7 +298,9 @@ class EngineProcess:
         return await future
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        """False once the process has exited or closed its events pipe (a dying process closes its files before
+        it can be reaped, so `poll` alone can still say running after its requests failed)."""
+        return not self.exited.is_set() and self.process.poll() is None
 
     def close(self) -> None:
         self.commands.close()

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from dataprep.tokenize.tokenizer import save_tokenizer, train_bpe
+from serving.engine_process import allocator_library
 from tests.adapters import make_adapter
 from workers.checkpoint import save_checkpoint
 from workers.export import export_hf
@@ -84,7 +85,10 @@ def client(server: dict[str, str]) -> Iterator[httpx.Client]:
 
 
 def test_info_endpoints(client: httpx.Client) -> None:
-    assert client.get("/health").json() == {"status": "ok", "dtype": "float32", "torch_threads": 1}
+    tcmalloc = allocator_library("auto")  # the engine process's default allocator, where this system has it
+    health = client.get("/health").json()
+    assert health == {"status": "ok", "dtype": "float32", "torch_threads": 1, "preloaded": health["preloaded"]}
+    assert [name.startswith(Path(tcmalloc).name) for name in health["preloaded"]] == ([True] if tcmalloc else [])
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
     tokens = client.post("/tokenize", json={"prompt": "the cat"}).json()
     assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 4096
