@@ -39,7 +39,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -128,10 +128,15 @@ class ServeArgs(BaseModel):
     def _adapter_names(self) -> "ServeArgs":
         if self.name in self.adapters:
             raise ValueError(f"adapters: {self.name!r} is the base model's name; give the adapter another")
-        if self.engine_allocator not in ("auto", "system") and not Path(self.engine_allocator).is_absolute():
-            raise ValueError(f"engine_allocator: {self.engine_allocator!r} is not 'auto', 'system' or an absolute "
-                             "path of a shared library (checked on the replica's node)")
         return self
+
+    @field_validator("engine_allocator")
+    @classmethod
+    def _allocator_setting(cls, setting: str) -> str:
+        if setting not in ("auto", "system") and not Path(setting).is_absolute():
+            raise ValueError(f"engine_allocator: {setting!r} is not 'auto', 'system' or an absolute path of a shared "
+                             "library (checked on the replica's node)")
+        return setting
 
 
 class QueueFull(Exception):

@@ -18,8 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.engine_process import allocator_library
-from tests.serving.test_http import free_port, model_dir  # noqa: F401  (the tiny exported model fixture)
+from tests.serving.test_http import assert_default_allocator, free_port, model_dir  # noqa: F401  (the tiny exported model fixture)
 
 pytestmark = pytest.mark.integration
 FORGELINE = Path(sys.executable).parent / "forgeline"
@@ -80,9 +79,7 @@ def test_serve_starts_answers_and_stops_cleanly_on_sigterm(model_dir: Path, tmp_
         assert listening_addresses(port) == {"127.0.0.1"} and listening_addresses(port + 1) == {"127.0.0.1"}
         health = httpx.get(f"{direct}/health", timeout=30).json()
         assert health["torch_threads"] == 2  # local default: Ray's num_cpus
-        tcmalloc = allocator_library("auto")  # the default allocator: TCMalloc where this system has it
-        assert [name.startswith(Path(tcmalloc).name) for name in health["preloaded"]] == (
-            [True] if tcmalloc else []), health
+        assert_default_allocator(health["preloaded"])
         for base in (f"http://127.0.0.1:{port}", direct):
             answer = httpx.post(f"{base}/v1/completions", timeout=60,
                                 json={"model": "clitest", "prompt": "the cat", "max_tokens": 4, "temperature": 0})

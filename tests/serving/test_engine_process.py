@@ -15,7 +15,7 @@ from serving.app import EngineServer, engine_payload
 from serving.engine import Engine
 from serving.engine_process import TCMALLOC_NAMES, allocator_library
 from serving.sampling import RequestError, SamplingParams
-from tests.serving.test_http import model_dir  # noqa: F401  (the tiny exported model fixture)
+from tests.serving.test_http import assert_default_allocator, model_dir  # noqa: F401  (the tiny exported model fixture)
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +128,7 @@ def test_the_engine_process_starts_with_its_allocator_preloaded(
         server: EngineServer, model_dir: Path) -> None:  # noqa: F811
     """"auto" (the module's server): TCMalloc mapped into the engine process exactly when this system has it; an
     explicit library (torch's own OpenMP runtime, present everywhere) mapped from its path."""
-    preloaded = asyncio.run(server.info())["preloaded"]
-    assert [Path(path).name.startswith("libtcmalloc") for path in preloaded] == (
-        [True] if allocator_library("auto") else [])
+    assert_default_allocator(asyncio.run(server.info())["preloaded"])
     torch_gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
     explicit = EngineServer(str(model_dir), name="tiny", max_batch=2, threads=1, allocator=str(torch_gomp))
     try:

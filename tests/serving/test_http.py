@@ -30,6 +30,14 @@ CONFIG = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2
 TEXT = "the cat sat on the mat. a dog ran in the park. the sun is hot and the sky is blue."
 
 
+def assert_default_allocator(preloaded: list[str]) -> None:
+    """`preloaded` (library paths or names an engine process reports) is TCMalloc exactly when this system has it
+    (`engine_allocator: auto`, the default), else nothing."""
+    tcmalloc = allocator_library("auto")
+    assert [Path(path).name.startswith(Path(tcmalloc).name) for path in preloaded] == (
+        [True] if tcmalloc else []), preloaded
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -85,10 +93,9 @@ def client(server: dict[str, str]) -> Iterator[httpx.Client]:
 
 
 def test_info_endpoints(client: httpx.Client) -> None:
-    tcmalloc = allocator_library("auto")  # the engine process's default allocator, where this system has it
     health = client.get("/health").json()
     assert health == {"status": "ok", "dtype": "float32", "torch_threads": 1, "preloaded": health["preloaded"]}
-    assert [name.startswith(Path(tcmalloc).name) for name in health["preloaded"]] == ([True] if tcmalloc else [])
+    assert_default_allocator(health["preloaded"])
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
     tokens = client.post("/tokenize", json={"prompt": "the cat"}).json()
     assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 4096
